@@ -1,0 +1,7 @@
+"""``python -m gathering_lab`` runs the ``gathering-lab`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

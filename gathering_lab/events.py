@@ -1,0 +1,454 @@
+"""Events and the in-process event bus (API compatible with GatheRing's ``gathering.events``).
+
+::
+
+    from gathering_lab.events import event_bus, Event, EventType
+
+    await event_bus.publish(Event(type=EventType.AGENT_STARTED, data={"agent_id": 1}))
+
+The bus numbers every published event with a monotonically increasing ``seq``
+and keeps the most recent ones in a bounded history, so a client that lost its
+connection can ask for what it missed (:meth:`EventBus.since`). ``epoch`` names
+one run of that numbering: it changes whenever the history restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import logging
+import secrets
+import threading
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from . import protocol
+from .exceptions import ProtocolError
+
+__all__ = ["Event", "EventBus", "EventHandler", "EventType", "event_bus"]
+
+logger = logging.getLogger("gathering_lab.events")
+
+
+class EventType(str, Enum):
+    """The event types GatheRing components publish; any dotted lowercase string is allowed too."""
+
+    AGENT_STARTED = "agent.started"
+    AGENT_STOPPED = "agent.stopped"
+    AGENT_TASK_ASSIGNED = "agent.task.assigned"
+    AGENT_TASK_COMPLETED = "agent.task.completed"
+    AGENT_TASK_FAILED = "agent.task.failed"
+    AGENT_TOOL_EXECUTED = "agent.tool.executed"
+    MEMORY_CREATED = "memory.created"
+    MEMORY_SHARED = "memory.shared"
+    MEMORY_RECALLED = "memory.recalled"
+    CIRCLE_CREATED = "circle.created"
+    CIRCLE_STARTED = "circle.started"
+    CIRCLE_STOPPED = "circle.stopped"
+    CIRCLE_MEMBER_ADDED = "circle.member.added"
+    CIRCLE_MEMBER_REMOVED = "circle.member.removed"
+    TASK_CREATED = "task.created"
+    TASK_ASSIGNED = "task.assigned"
+    TASK_STARTED = "task.started"
+    TASK_COMPLETED = "task.completed"
+    TASK_FAILED = "task.failed"
+    TASK_CONFLICT_DETECTED = "task.conflict.detected"
+    CONVERSATION_MESSAGE = "conversation.message"
+    CONVERSATION_TURN_COMPLETE = "conversation.turn.complete"
+    SYSTEM_ERROR = "system.error"
+    SYSTEM_WARNING = "system.warning"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_KNOWN_TYPES = {member.value: member for member in EventType}
+
+
+def _coerce_type(value: EventType | str) -> EventType | str:
+    if isinstance(value, EventType):
+        return value
+    known = _KNOWN_TYPES.get(value) if isinstance(value, str) else None
+    if known is not None:
+        return known
+    try:
+        return protocol.check_event_type(value)
+    except ProtocolError as exc:
+        raise ValueError(exc.message) from None
+
+
+@dataclass(slots=True, eq=False)
+class Event:
+    """One event: what happened (``type``, ``data``), who and where, when, and its bus ``seq``."""
+
+    type: EventType | str
+    data: dict[str, Any] = field(default_factory=dict)
+    source_agent_id: Any = None
+    circle_id: Any = None
+    project_id: Any = None
+    timestamp: datetime = field(default_factory=protocol.now)
+    id: str = field(default_factory=protocol.new_event_id)
+    seq: int | None = None
+    epoch: str | None = None
+    _wire: bytes | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        self.type = _coerce_type(self.type)
+        if self.data is None:
+            self.data = {}
+        elif not isinstance(self.data, dict):
+            raise TypeError(f"event data must be a dict, not {type(self.data).__name__}")
+        if not isinstance(self.timestamp, datetime) or self.timestamp.tzinfo is None:
+            raise ValueError(f"timestamp must be a timezone-aware datetime: {self.timestamp!r}")
+
+    @property
+    def type_name(self) -> str:
+        """The event type as a plain string (``"agent.started"``)."""
+        return self.type.value if isinstance(self.type, EventType) else self.type
+
+    def matches_filter(self, **attrs: Any) -> bool:
+        """Return True if every given attribute equals the event's (``circle_id=1``)."""
+        for name, expected in attrs.items():
+            if name == "type":
+                expected = getattr(expected, "value", expected)
+                if self.type_name != expected:
+                    return False
+            elif getattr(self, name, None) != expected:
+                return False
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the wire envelope: the guide's keys, then ``seq`` and ``epoch``."""
+        return {
+            "type": self.type_name,
+            "data": self.data,
+            "source_agent_id": self.source_agent_id,
+            "circle_id": self.circle_id,
+            "project_id": self.project_id,
+            "event_id": self.id,
+            "timestamp": protocol.format_timestamp(self.timestamp),
+            "seq": self.seq,
+            "epoch": self.epoch,
+        }
+
+    def encoded(self) -> bytes:
+        """Return the envelope as UTF-8 JSON, serialised once and cached."""
+        wire = self._wire
+        if wire is None:
+            wire = self._wire = protocol.encode(self.to_dict())
+        return wire
+
+    @classmethod
+    def from_dict(cls, message: dict[str, Any]) -> Event:
+        """Build an event from a wire envelope (the inverse of :meth:`to_dict`)."""
+        if not isinstance(message, dict):
+            raise TypeError(f"expected a dict, not {type(message).__name__}")
+        kwargs: dict[str, Any] = {
+            "type": message.get("type"),
+            "data": message.get("data") or {},
+            "source_agent_id": message.get("source_agent_id"),
+            "circle_id": message.get("circle_id"),
+            "project_id": message.get("project_id"),
+            "seq": message.get("seq"),
+            "epoch": message.get("epoch"),
+        }
+        if message.get("event_id"):
+            kwargs["id"] = message["event_id"]
+        if message.get("timestamp"):
+            kwargs["timestamp"] = protocol.parse_timestamp(message["timestamp"])
+        return cls(**kwargs)
+
+
+EventHandler = Callable[[Event], Awaitable[None] | None]
+
+
+@dataclass(slots=True)
+class _Subscription:
+    id: str
+    pattern: str
+    handler: EventHandler
+    filter_fn: Callable[[Event], bool] | None
+    name: str
+    is_async: bool
+
+
+def _new_epoch() -> str:
+    return secrets.token_hex(6)
+
+
+class EventBus:
+    """An in-process publish/subscribe bus with pattern subscriptions and a numbered history.
+
+    Handlers may be plain functions or coroutine functions. A failing handler is
+    logged and counted in ``handler_errors``; it never stops the others.
+    """
+
+    def __init__(self, history_size: int = 10_000) -> None:
+        if not isinstance(history_size, int) or history_size < 1:
+            raise ValueError(f"history_size must be a positive integer, not {history_size!r}")
+        self._subs: dict[str, _Subscription] = {}
+        self._routes: dict[str, tuple[_Subscription, ...]] = {}
+        self._history: deque[Event] = deque(maxlen=history_size)
+        self._ids = itertools.count(1)
+        self._seq = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self.epoch = _new_epoch()
+        self._published = 0
+        self._delivered = 0
+        self._errors = 0
+
+    # Subscriptions
+
+    def subscribe(
+        self,
+        event_type: EventType | str,
+        handler: EventHandler,
+        filter_fn: Callable[[Event], bool] | None = None,
+        name: str | None = None,
+    ) -> str:
+        """Call ``handler`` for each event matching ``event_type`` (or ``"*"``, ``"task.*"``).
+
+        Returns the subscription id for :meth:`unsubscribe`.
+        """
+        try:
+            pattern = protocol.check_pattern(event_type)
+        except ProtocolError as exc:
+            raise ValueError(exc.message) from None
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, not {type(handler).__name__}")
+        if filter_fn is not None and not callable(filter_fn):
+            raise TypeError(f"filter_fn must be callable, not {type(filter_fn).__name__}")
+        sub_id = f"sub_{next(self._ids)}"
+        self._subs[sub_id] = _Subscription(
+            id=sub_id,
+            pattern=pattern,
+            handler=handler,
+            filter_fn=filter_fn,
+            name=name or getattr(handler, "__qualname__", repr(handler)),
+            is_async=inspect.iscoroutinefunction(handler)
+            or inspect.iscoroutinefunction(getattr(handler, "__call__", None)),
+        )
+        self._routes.clear()
+        return sub_id
+
+    def unsubscribe(self, sub_id: str) -> bool:
+        """Remove a subscription; return False if there was none with that id."""
+        removed = self._subs.pop(sub_id, None) is not None
+        if removed:
+            self._routes.clear()
+        return removed
+
+    def _route(self, type_name: str) -> tuple[_Subscription, ...]:
+        subs = self._routes.get(type_name)
+        if subs is None:
+            parts = type_name.split(".")
+            wanted = {"*", type_name}
+            wanted.update(".".join(parts[:i]) + ".*" for i in range(1, len(parts)))
+            subs = tuple(s for s in self._subs.values() if s.pattern in wanted)
+            self._routes[type_name] = subs
+        return subs
+
+    # Publishing
+
+    def _record(self, event: Event) -> tuple[_Subscription, ...]:
+        if not isinstance(event, Event):
+            raise TypeError(f"expected an Event, not {type(event).__name__}")
+        if event.seq is not None:
+            raise ValueError(
+                f"event {event.id} was already published (seq {event.seq}); publish a new Event"
+            )
+        self._seq += 1
+        event.seq = self._seq
+        event.epoch = self.epoch
+        event._wire = None
+        self._history.append(event)
+        self._published += 1
+        return self._route(event.type_name)
+
+    def _run_sync(self, sub: _Subscription, event: Event) -> Awaitable[None] | None:
+        try:
+            if sub.filter_fn is not None and not sub.filter_fn(event):
+                return None
+            result = sub.handler(event)
+        except Exception:
+            self._errors += 1
+            logger.exception("event handler %s failed on %s", sub.name, event.type_name)
+            return None
+        if inspect.isawaitable(result):
+            return result
+        self._delivered += 1
+        return None
+
+    async def _run_async(self, sub: _Subscription, awaitable: Awaitable[None], event: Event) -> None:
+        try:
+            await awaitable
+        except Exception:
+            self._errors += 1
+            logger.exception("event handler %s failed on %s", sub.name, event.type_name)
+        else:
+            self._delivered += 1
+
+    def _bind_loop(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if loop is not self._loop:
+            self._loop = loop
+            self._loop_thread = threading.get_ident()
+
+    async def publish(self, event: Event) -> Event:
+        """Publish ``event`` to every matching handler and wait for the async ones to finish."""
+        self._bind_loop()
+        pending = []
+        for sub in self._record(event):
+            awaitable = self._run_sync(sub, event)
+            if awaitable is not None:
+                pending.append(self._run_async(sub, awaitable, event))
+        if len(pending) == 1:
+            await pending[0]
+        elif pending:
+            await asyncio.gather(*pending)
+        return event
+
+    def publish_nowait(self, event: Event) -> Event:
+        """Publish ``event`` without waiting: sync handlers run now, async ones are scheduled.
+
+        Safe to call from another thread: the event is then handed to the bus's loop.
+        """
+        if self._loop is not None and threading.get_ident() != self._loop_thread:
+            if not isinstance(event, Event):
+                raise TypeError(f"expected an Event, not {type(event).__name__}")
+            self._loop.call_soon_threadsafe(self._publish_here, event)
+            return event
+        return self._publish_here(event)
+
+    def _publish_here(self, event: Event) -> Event:
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        for sub in self._record(event):
+            awaitable = self._run_sync(sub, event)
+            if awaitable is None:
+                continue
+            if loop is None:
+                self._errors += 1
+                close = getattr(awaitable, "close", None)
+                if close is not None:
+                    close()
+                logger.error(
+                    "async handler %s skipped for %s: no running event loop",
+                    sub.name,
+                    event.type_name,
+                )
+                continue
+            task = loop.create_task(self._run_async(sub, awaitable, event))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return event
+
+    # History
+
+    def get_history(
+        self, event_type: EventType | str | None = None, limit: int = 100, **filters: Any
+    ) -> list[Event]:
+        """Return up to ``limit`` recent events, most recent first, matching type and filters."""
+        if not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"limit must be a non-negative integer, not {limit!r}")
+        wanted: set[str] | None = None
+        if event_type is not None:
+            try:
+                pattern = protocol.check_pattern(event_type)
+            except ProtocolError as exc:
+                raise ValueError(exc.message) from None
+            if pattern != "*":
+                wanted = {pattern}
+        found: list[Event] = []
+        for event in reversed(self._history):
+            if len(found) >= limit:
+                break
+            if wanted is not None and not self._pattern_matches(wanted, event.type_name):
+                continue
+            if filters and not event.matches_filter(**filters):
+                continue
+            found.append(event)
+        return found
+
+    @staticmethod
+    def _pattern_matches(patterns: set[str], type_name: str) -> bool:
+        for pattern in patterns:
+            if pattern == type_name:
+                return True
+            if pattern.endswith(".*") and type_name.startswith(pattern[:-1]):
+                return True
+        return False
+
+    @property
+    def last_seq(self) -> int:
+        """The ``seq`` of the most recently published event (0 before the first)."""
+        return self._seq
+
+    @property
+    def oldest_seq(self) -> int:
+        """The ``seq`` of the oldest event still in history (``last_seq + 1`` if it is empty)."""
+        return self._history[0].seq if self._history else self._seq + 1  # type: ignore[return-value]
+
+    def since(self, seq: int) -> list[Event]:
+        """Return the events after ``seq`` still in history, oldest first."""
+        if not isinstance(seq, int) or seq < 0:
+            raise ValueError(f"seq must be a non-negative integer, not {seq!r}")
+        start = max(0, seq + 1 - self.oldest_seq)
+        return list(itertools.islice(self._history, start, None))
+
+    # Administration
+
+    def get_stats(self) -> dict[str, Any]:
+        """Return counters: events_published, events_delivered, handler_errors, and so on."""
+        return {
+            "events_published": self._published,
+            "events_delivered": self._delivered,
+            "handler_errors": self._errors,
+            "active_subscribers": len(self._subs),
+            "history_size": len(self._history),
+            "history_capacity": self._history.maxlen,
+            "last_seq": self._seq,
+            "epoch": self.epoch,
+        }
+
+    def configure(self, *, history_size: int | None = None) -> None:
+        """Change settings; a smaller ``history_size`` keeps the most recent events."""
+        if history_size is not None:
+            if not isinstance(history_size, int) or history_size < 1:
+                raise ValueError(f"history_size must be a positive integer, not {history_size!r}")
+            self._history = deque(self._history, maxlen=history_size)
+
+    def clear_history(self) -> None:
+        """Forget past events; ``seq`` keeps counting, so resumes from before report a gap."""
+        self._history.clear()
+
+    def reset(self) -> None:
+        """Drop every subscription, the history and the counters, and start a new epoch."""
+        self._subs.clear()
+        self._routes.clear()
+        self._history.clear()
+        self._seq = 0
+        self._published = self._delivered = self._errors = 0
+        self.epoch = _new_epoch()
+
+    def __repr__(self) -> str:
+        return (
+            f"<EventBus epoch={self.epoch} seq={self._seq} "
+            f"subscribers={len(self._subs)} history={len(self._history)}>"
+        )
+
+
+#: The process-wide default bus, as in GatheRing.
+event_bus = EventBus()

@@ -1,0 +1,72 @@
+"""Exceptions raised by gathering_lab.
+
+One tree, so ``except GatheringLabError`` catches everything the package raises
+on purpose::
+
+    GatheringLabError
+    ├── ProtocolError          a message breaks the wire protocol (has .code)
+    ├── AuthError              a token is missing, malformed, expired or lacks a role
+    ├── ServerError
+    │   └── PortInUseError     the requested port is already bound (also an OSError)
+    └── ClientError
+        └── ConnectionFailed   a client could not reach or keep its server
+
+Bad arguments to the public API raise the built-in :class:`ValueError` or
+:class:`TypeError`, as Python code expects.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AuthError",
+    "ClientError",
+    "ConnectionFailed",
+    "GatheringLabError",
+    "PortInUseError",
+    "ProtocolError",
+    "ServerError",
+]
+
+
+class GatheringLabError(Exception):
+    """Base class of every exception gathering_lab raises on purpose."""
+
+
+class ProtocolError(GatheringLabError):
+    """A message that breaks the wire protocol; ``code`` is the error code sent back."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"ProtocolError({self.code!r}, {self.message!r})"
+
+
+class AuthError(GatheringLabError):
+    """A token is missing, malformed, expired, or does not grant what was asked."""
+
+
+class ServerError(GatheringLabError):
+    """The server could not start or run."""
+
+
+class PortInUseError(ServerError, OSError):
+    """The port the server was asked to bind is already in use."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(
+            f"port {port} on {host} is already in use; "
+            f"pick another (e.g. port={port + 1}) or port=0 for a free one"
+        )
+        self.host = host
+        self.port = port
+
+
+class ClientError(GatheringLabError):
+    """A client-side failure."""
+
+
+class ConnectionFailed(ClientError):
+    """The client could not reach its server, or lost it for good."""

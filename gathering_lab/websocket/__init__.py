@@ -1,0 +1,8 @@
+"""The WebSocket side: the connection manager, the server and the bus integration."""
+
+from __future__ import annotations
+
+from .manager import ConnectionManager, Session, get_connection_manager
+from .server import Server, bind, serve
+
+__all__ = ["ConnectionManager", "Server", "Session", "bind", "get_connection_manager", "serve"]
