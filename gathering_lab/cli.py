@@ -74,11 +74,15 @@ def _build_parser() -> argparse.ArgumentParser:
         "--max-message-size", type=_size, default=2**20, help="largest incoming message (1m)"
     )
     serve.add_argument(
-        "--max-pending", type=_size, default=4 * 2**20,
+        "--max-pending",
+        type=_size,
+        default=4 * 2**20,
         help="pending outgoing bytes per client before it is closed as slow (4m)",
     )
     serve.add_argument(
-        "--compression", choices=("off", "deflate"), default="off",
+        "--compression",
+        choices=("off", "deflate"),
+        default="off",
         help="permessage-deflate (default: off)",
     )
     serve.add_argument("--certfile", help="TLS certificate (PEM) to serve wss://")

@@ -174,7 +174,6 @@ class _Subscription:
     handler: EventHandler
     filter_fn: Callable[[Event], bool] | None
     name: str
-    is_async: bool
 
 
 def _new_epoch() -> str:
@@ -231,9 +230,7 @@ class EventBus:
             pattern=pattern,
             handler=handler,
             filter_fn=filter_fn,
-            name=name or getattr(handler, "__qualname__", repr(handler)),
-            is_async=inspect.iscoroutinefunction(handler)
-            or inspect.iscoroutinefunction(getattr(handler, "__call__", None)),
+            name=name or str(getattr(handler, "__qualname__", None) or repr(handler)),
         )
         self._routes.clear()
         return sub_id
@@ -286,7 +283,9 @@ class EventBus:
         self._delivered += 1
         return None
 
-    async def _run_async(self, sub: _Subscription, awaitable: Awaitable[None], event: Event) -> None:
+    async def _run_async(
+        self, sub: _Subscription, awaitable: Awaitable[None], event: Event
+    ) -> None:
         try:
             await awaitable
         except Exception:

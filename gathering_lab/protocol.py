@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -303,9 +303,7 @@ def _parse_subscribe(message: dict[str, Any]) -> Subscribe:
         )
     if "*" in patterns:
         patterns = ("*",)
-    return Subscribe(
-        Filters(patterns, _scope_id(data, "circle_id"), _scope_id(data, "project_id"))
-    )
+    return Subscribe(Filters(patterns, _scope_id(data, "circle_id"), _scope_id(data, "project_id")))
 
 
 def _parse_unsubscribe(message: dict[str, Any]) -> Unsubscribe:
@@ -348,7 +346,7 @@ def _parse_auth(message: dict[str, Any]) -> Auth:
     return Auth(token)
 
 
-_PARSERS = {
+_PARSERS: dict[str, Callable[[dict[str, Any]], ClientMessage]] = {
     "ping": _parse_ping,
     "subscribe": _parse_subscribe,
     "unsubscribe": _parse_unsubscribe,

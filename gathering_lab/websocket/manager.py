@@ -22,7 +22,7 @@ import asyncio
 import itertools
 import logging
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from websockets.protocol import State
@@ -258,6 +258,7 @@ class ConnectionManager:
         payloads = [event.encoded() for event in batch]
         frames = [text_frame(p) for p in payloads]
         for filters, members in list(self._groups.items()):
+            chosen: Sequence[int]
             if filters is ALL or filters == ALL:
                 chosen = range(len(batch))
             else:

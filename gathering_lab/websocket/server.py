@@ -191,7 +191,7 @@ class _Handler:
             if request.headers.get("Upgrade", "").lower() != "websocket":
                 return _json_response(
                     http.HTTPStatus.UPGRADE_REQUIRED,
-                    {"error": f"{WS_PATH} is a WebSocket endpoint; connect with a WebSocket client"},
+                    {"error": f"{WS_PATH} is a WebSocket endpoint: use a WebSocket client"},
                 )
             return None
         if path == "/health":
@@ -334,7 +334,8 @@ class _Handler:
         raw = query["last_seq"][0]
         if not raw.isdigit():
             raise ProtocolError("invalid_message", f"last_seq must be an integer >= 0, not {raw!r}")
-        epoch = (query.get("epoch") or [None])[0]
+        epochs = query.get("epoch")
+        epoch = epochs[0] if epochs else None
         return protocol.Resume(int(raw), epoch)
 
     def _resume(self, session: Session, resume: protocol.Resume) -> None:
@@ -494,4 +495,3 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
         assert self._server is not None
         self._server.close()
         await self._server.wait_closed()
-

@@ -1,0 +1,46 @@
+# gathering_lab — two commands on a fresh machine: `make lab` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PORT ?= 8000
+
+.PHONY: install lab test check lint typecheck pytest serve demo bench clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	@touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the package with its extras
+
+lab: install  ## open JupyterLab on the quick-start notebook
+	$(VENV)/bin/jupyter lab notebooks/01_quickstart.ipynb
+
+test: install check pytest  ## lint, type-check, then every test including the notebooks
+
+check: lint typecheck
+
+lint: install
+	$(VENV)/bin/ruff check gathering_lab tests benchmarks
+	$(VENV)/bin/ruff format --check gathering_lab tests
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+pytest: install
+	$(PY) -m pytest tests $(wildcard notebooks/*.ipynb) --nbval-lax -p no:cacheprovider
+
+serve: install  ## run the standalone server on PORT (8000)
+	$(VENV)/bin/gathering-lab serve --port $(PORT)
+
+demo: install  ## publish demo traffic to the server on PORT
+	$(VENV)/bin/gathering-lab demo --url ws://127.0.0.1:$(PORT)/ws/dashboard
+
+bench: install  ## run the benchmarks (several minutes)
+	$(PY) benchmarks/fanout.py
+	$(PY) benchmarks/frame_bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
