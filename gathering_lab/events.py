@@ -176,6 +176,9 @@ class _Subscription:
     name: str
 
 
+_YIELD_EVERY = 256
+
+
 def _new_epoch() -> str:
     return secrets.token_hex(6)
 
@@ -315,6 +318,10 @@ class EventBus:
             await pending[0]
         elif pending:
             await asyncio.gather(*pending)
+        elif self._seq % _YIELD_EVERY == 0:
+            # A tight publishing loop whose handlers are all sync would never let
+            # the loop run: give sockets a chance to drain now and then.
+            await asyncio.sleep(0)
         return event
 
     def publish_nowait(self, event: Event) -> Event:

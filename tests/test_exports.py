@@ -1,0 +1,38 @@
+"""The package's public names are exactly what its modules export."""
+
+from __future__ import annotations
+
+import importlib
+
+import gathering_lab
+
+MODULES = ["events", "exceptions", "protocol", "websocket", "websocket.integration", "testing"]
+
+
+def test_every_public_name_resolves() -> None:
+    for name in gathering_lab.__all__:
+        assert getattr(gathering_lab, name) is not None, name
+
+
+def test_top_level_names_come_from_submodules() -> None:
+    exported: set[str] = set()
+    for module in ("events", "exceptions", "websocket"):
+        exported.update(importlib.import_module(f"gathering_lab.{module}").__all__)
+    missing = set(gathering_lab.__all__) - exported - {"__version__"}
+    assert not missing, f"top-level names not exported by a submodule: {missing}"
+
+
+def test_submodule_all_lists_exist() -> None:
+    for module_name in MODULES:
+        module = importlib.import_module(f"gathering_lab.{module_name}")
+        for name in module.__all__:
+            assert hasattr(module, name), f"{module_name}.{name}"
+
+
+def test_guide_import_paths() -> None:
+    from gathering_lab.events import Event, EventType, event_bus  # noqa: F401
+    from gathering_lab.websocket import get_connection_manager  # noqa: F401
+    from gathering_lab.websocket.integration import (  # noqa: F401
+        setup_custom_broadcasting,
+        setup_websocket_broadcasting,
+    )
