@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .client import LabClient, connect  # noqa: E402
 from .events import Event, EventBus, EventType, event_bus  # noqa: E402
 from .exceptions import (  # noqa: E402
     AuthError,
@@ -12,6 +13,8 @@ from .exceptions import (  # noqa: E402
     PortInUseError,
     ProtocolError,
 )
+from .frame import EventFrame  # noqa: E402
+from .kernel import Lab, start, stop  # noqa: E402
 from .websocket import ConnectionManager, Server, get_connection_manager, serve  # noqa: E402
 
 __all__ = [
@@ -20,13 +23,19 @@ __all__ = [
     "ConnectionManager",
     "Event",
     "EventBus",
+    "EventFrame",
     "EventType",
     "GatheringLabError",
+    "Lab",
+    "LabClient",
     "PortInUseError",
     "ProtocolError",
     "Server",
     "__version__",
+    "connect",
     "event_bus",
     "get_connection_manager",
     "serve",
+    "start",
+    "stop",
 ]

@@ -1,15 +1,1071 @@
-"""Realistic GatheRing traffic for demos and load (placeholder, being written)."""
+"""Realistic GatheRing traffic: what the guide's ``test_websocket_integration.py server`` does.
+
+A seeded discrete-event simulation of a small GatheRing deployment tells a
+plausible story: circles are created and started, agents start and join them,
+tasks are created in a circle's project, assigned to a member, started, use
+tools, and complete or fail; agents talk, remember and share; now and then two
+tasks collide or the system warns. The same seed always gives the same story.
+
+::
+
+    from gathering_lab.demo import demo_messages, publish_demo, run_demo
+
+    for payload in demo_messages(5):          # publish payloads, no I/O
+        print(payload["type"], payload["data"])
+
+    await publish_demo(bus, 100)              # onto an in-process EventBus
+    result = await run_demo("ws://127.0.0.1:8000/ws/dashboard", count=100, rate=0)
+
+``gathering-lab demo`` is the command-line face of :func:`run_demo`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
+import heapq
+import itertools
+import logging
+import random
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import (
+    ConnectionClosed,
+    InvalidHandshake,
+    InvalidStatus,
+    InvalidURI,
+)
+
+from . import protocol
+from .events import Event, EventBus, EventType
+from .exceptions import ConnectionFailed, ProtocolError
+
+__all__ = [
+    "DEFAULT_URL",
+    "DemoResult",
+    "add_arguments",
+    "closed_message",
+    "demo_messages",
+    "open_connection",
+    "positive_int",
+    "publish_demo",
+    "publish_message",
+    "run_cli",
+    "run_demo",
+    "with_client_id",
+    "ws_url",
+]
+
+logger = logging.getLogger("gathering_lab.demo")
+
+DEFAULT_URL = "ws://127.0.0.1:8000/ws/dashboard"
+OPEN_TIMEOUT = 10.0
+_LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+# The traffic model
+
+_AGENT_NAMES = (
+    "Alice", "Bruno", "Chen", "Dana", "Emeka", "Farah", "Gus", "Hana",
+    "Ivo", "Jade", "Kofi", "Lena", "Mateo", "Nadia", "Oren", "Priya",
+)  # fmt: skip
+_MODELS = ("claude-sonnet", "gpt-4o", "mistral-large", "llama-3-70b")
+_SKILLS = ("python", "react", "sql", "devops", "testing", "security", "docs", "api-design")
+_CIRCLES = (
+    ("backend-core", 1, "gathering-api"),
+    ("dashboard-guild", 2, "dashboard"),
+    ("data-pipeline", 3, "ingest"),
+    ("release-crew", 1, "gathering-api"),
+)
+_TASKS: dict[str, tuple[tuple[str, str], ...]] = {
+    "python": (
+        ("Add retry with backoff to the webhook sender", "src/webhooks.py"),
+        ("Split the event bus handlers by domain", "src/events.py"),
+        ("Cache agent profiles between turns", "src/agents/profile.py"),
+    ),
+    "react": (
+        ("Build the live events panel", "ui/EventsPanel.tsx"),
+        ("Show reconnect state in the header", "ui/Header.tsx"),
+    ),
+    "sql": (
+        ("Index tasks by circle and status", "db/migrations/0042_tasks.sql"),
+        ("Speed up the weekly activity report", "db/reports.sql"),
+    ),
+    "devops": (
+        ("Pin the base image and rebuild", "deploy/Dockerfile"),
+        ("Add a readiness probe to the API", "deploy/api.yaml"),
+    ),
+    "testing": (
+        ("Cover circle membership edge cases", "tests/test_circles.py"),
+        ("Make the WebSocket tests deterministic", "tests/test_websocket.py"),
+    ),
+    "security": (
+        ("Check origins on the dashboard socket", "src/websocket.py"),
+        ("Rotate the JWT signing key", "src/auth.py"),
+    ),
+    "docs": (
+        ("Translate the WebSocket quick start", "docs/WEBSOCKET.md"),
+        ("Document the event types", "docs/EVENT_BUS.md"),
+    ),
+    "api-design": (
+        ("Version the tasks endpoint", "src/api/routes.py"),
+        ("Paginate the memories endpoint", "src/api/routes.py"),
+    ),
+}
+_TOOLS: dict[str, tuple[str, ...]] = {
+    "python": ("read_file", "write_file", "run_tests", "code_search"),
+    "react": ("read_file", "write_file", "npm_build", "screenshot"),
+    "sql": ("sql_query", "explain_plan", "write_file"),
+    "devops": ("shell", "read_file", "docker_build"),
+    "testing": ("run_tests", "read_file", "coverage"),
+    "security": ("code_search", "dependency_audit", "read_file"),
+    "docs": ("read_file", "write_file", "web_search"),
+    "api-design": ("read_file", "code_search", "write_file"),
+}
+_ERRORS = (
+    "tests failed: 3 of 112",
+    "timed out after 300s",
+    "merge conflict in {file}",
+    "tool run_tests exited with status 2",
+    "rate limited by the model provider",
+)
+_LINES = (
+    "I can take this one, it touches code I wrote yesterday.",
+    "Tests pass locally; can someone review {file}?",
+    "Careful: {file} is also changed by another task.",
+    "Blocked on the schema migration, picking up something else.",
+    "Done with the draft, pushing a branch now.",
+    "Does anyone remember why we pinned this dependency?",
+    "The flaky test was a race in the fixture, fixed.",
+)
+_FACTS = (
+    "{file} needs the integration tests to run against Postgres",
+    "the CI runner has only 2 cores: keep test suites under 5 minutes",
+    "reviews from {name} usually ask for type hints",
+    "the staging deploy takes about 7 minutes",
+    "use the shared retry helper instead of ad-hoc sleeps",
+)
+_WARNINGS = (
+    ("scheduler", "task queue depth 1{n} exceeds the limit of 10"),
+    ("llm", "provider latency p95 is {n}.2s"),
+    ("memory", "vector index {n}0% full"),
+    ("websocket", "{n} dashboard clients reconnected in the last minute"),
+)
+
+
+@dataclass(slots=True)
+class _Agent:
+    id: int
+    name: str
+    skills: tuple[str, ...]
+    model: str
+    circle: int | None = None
+    task: int | None = None
+
+
+@dataclass(slots=True)
+class _Circle:
+    id: int
+    name: str
+    project: int
+    project_name: str
+    conversation: int
+    members: list[int] = field(default_factory=list)
+    active: bool = True
+    turn: int = 0
+    messages: int = 0
+    last_speaker: int | None = None
+    completed: int = 0
+    failed: int = 0
+
+
+@dataclass(slots=True)
+class _Task:
+    id: int
+    title: str
+    file: str
+    skill: str
+    circle: int
+    agent: int | None = None
+    started: float = 0.0
+
+
+Payload = dict[str, Any]
+_Action = Callable[[], list[Payload]]
+
+
+class _Story:
+    """A discrete-event simulation: a clock, scheduled actions, and the world they change.
+
+    Actions run in simulated-time order (ties in scheduling order) and return the
+    events they cause; ``rng`` is the only source of chance, so a seed fixes the story.
+    """
+
+    MAX_CIRCLES = 3
+    MAX_AGENTS = 14
+    MAX_OPEN_TASKS = 6  # per circle
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.clock = 0.0
+        self.queue: list[tuple[float, int, _Action]] = []
+        self.order = itertools.count()
+        self.agents: dict[int, _Agent] = {}
+        self.circles: dict[int, _Circle] = {}
+        self.tasks: dict[int, _Task] = {}
+        self.running: dict[int, _Task] = {}
+        self.memories: list[tuple[int, int]] = []  # (memory id, agent id), most recent last
+        self.agent_ids = itertools.count(1)
+        self.circle_ids = itertools.count(1)
+        self.task_ids = itertools.count(1)
+        self.memory_ids = itertools.count(1)
+        self.conversation_ids = itertools.count(1)
+        self.names = list(_AGENT_NAMES)
+        self.rng.shuffle(self.names)
+        self.circle_specs = itertools.cycle(_CIRCLES)
+        for delay in (0.0, 40.0, 150.0):
+            self.at(delay, self.open_circle)
+        self.at(60.0, self.system_warning)
+
+    def at(self, delay: float, action: _Action) -> None:
+        heapq.heappush(self.queue, (self.clock + delay, next(self.order), action))
+
+    def __iter__(self) -> Iterator[Payload]:
+        while self.queue:
+            self.clock, _, action = heapq.heappop(self.queue)
+            yield from action()
+
+    @staticmethod
+    def emit(
+        event_type: EventType,
+        circle: _Circle | None = None,
+        agent: int | None = None,
+        /,
+        **data: Any,
+    ) -> Payload:
+        return {
+            "type": event_type.value,
+            "data": data,
+            "source_agent_id": agent,
+            "circle_id": None if circle is None else circle.id,
+            "project_id": None if circle is None else circle.project,
+        }
+
+    # Circles and agents
+
+    def open_circle(self) -> list[Payload]:
+        if len(self.circles) >= self.MAX_CIRCLES:
+            return []
+        taken = {c.name for c in self.circles.values()}
+        name, project, project_name = next(s for s in self.circle_specs if s[0] not in taken)
+        circle = _Circle(
+            next(self.circle_ids), name, project, project_name, next(self.conversation_ids)
+        )
+        self.circles[circle.id] = circle
+        self.at(self.rng.uniform(0.3, 1.0), lambda: self.start_circle(circle))
+        for _ in range(self.rng.randint(3, 4)):
+            self.at(self.rng.uniform(0.5, 2.0), lambda: self.start_agent(circle))
+        return [
+            self.emit(
+                EventType.CIRCLE_CREATED,
+                circle,
+                circle_id=circle.id,
+                name=name,
+                project=project_name,
+            )
+        ]
+
+    def start_circle(self, circle: _Circle) -> list[Payload]:
+        self.at(self.rng.uniform(2.0, 4.0), lambda: self.create_task(circle))
+        self.at(self.rng.uniform(6.0, 12.0), lambda: self.chat(circle))
+        self.at(self.rng.uniform(60.0, 120.0), lambda: self.churn(circle))
+        self.at(self.rng.uniform(300.0, 600.0), lambda: self.wind_down(circle))
+        return [self.emit(EventType.CIRCLE_STARTED, circle, circle_id=circle.id, name=circle.name)]
+
+    def wind_down(self, circle: _Circle) -> list[Payload]:
+        """The circle takes no new work; it stops once its open tasks are done."""
+        circle.active = False
+        return self.stop_circle(circle)
+
+    def stop_circle(self, circle: _Circle) -> list[Payload]:
+        if any(task.circle == circle.id for task in self.tasks.values()):
+            self.at(5.0, lambda: self.stop_circle(circle))
+            return []
+        events = []
+        for agent_id in list(circle.members):
+            events.extend(self.leave(circle, self.agents[agent_id], "circle stopped"))
+        del self.circles[circle.id]
+        self.at(self.rng.uniform(5.0, 15.0), self.open_circle)
+        events.append(
+            self.emit(
+                EventType.CIRCLE_STOPPED,
+                circle,
+                circle_id=circle.id,
+                name=circle.name,
+                tasks_completed=circle.completed,
+                tasks_failed=circle.failed,
+            )
+        )
+        return events
+
+    def start_agent(self, circle: _Circle) -> list[Payload]:
+        if not circle.active or len(self.agents) >= self.MAX_AGENTS:
+            return []
+        agent_id = next(self.agent_ids)
+        skills = tuple(self.rng.sample(_SKILLS, 2))
+        agent = _Agent(agent_id, self.names[(agent_id - 1) % len(self.names)], skills, "")
+        agent.model = self.rng.choice(_MODELS)
+        self.agents[agent_id] = agent
+        agent.circle = circle.id
+        circle.members.append(agent_id)
+        role = "lead" if len(circle.members) == 1 else "member"
+        return [
+            self.emit(
+                EventType.AGENT_STARTED,
+                None,
+                agent_id,
+                agent_id=agent_id,
+                name=agent.name,
+                competencies=list(skills),
+                model=agent.model,
+            ),
+            self.emit(
+                EventType.CIRCLE_MEMBER_ADDED,
+                circle,
+                agent_id,
+                circle_id=circle.id,
+                agent_id=agent_id,
+                agent_name=agent.name,
+                role=role,
+            ),
+        ]
+
+    def leave(self, circle: _Circle, agent: _Agent, reason: str) -> list[Payload]:
+        del self.agents[agent.id]
+        circle.members.remove(agent.id)
+        self.memories = [m for m in self.memories if m[1] != agent.id]
+        return [
+            self.emit(
+                EventType.CIRCLE_MEMBER_REMOVED,
+                circle,
+                agent.id,
+                circle_id=circle.id,
+                agent_id=agent.id,
+                reason=reason,
+            ),
+            self.emit(EventType.AGENT_STOPPED, None, agent.id, agent_id=agent.id, reason=reason),
+        ]
+
+    def churn(self, circle: _Circle) -> list[Payload]:
+        """Now and then an idle member (not the lead) leaves and a fresh agent takes the seat."""
+        if not circle.active:
+            return []
+        self.at(self.rng.uniform(90.0, 180.0), lambda: self.churn(circle))
+        idle = [a for a in circle.members[1:] if self.agents[a].task is None]
+        if len(circle.members) < 3 or not idle:
+            return []
+        self.at(self.rng.uniform(1.0, 3.0), lambda: self.start_agent(circle))
+        return self.leave(circle, self.agents[self.rng.choice(idle)], "rotation")
+
+    # Tasks
+
+    def create_task(self, circle: _Circle) -> list[Payload]:
+        if not circle.active:
+            return []
+        self.at(self.rng.expovariate(1 / 5.0) + 0.5, lambda: self.create_task(circle))
+        open_tasks = sum(1 for t in self.tasks.values() if t.circle == circle.id)
+        if not circle.members or open_tasks >= self.MAX_OPEN_TASKS:
+            return []
+        skill = self.rng.choice(sorted({s for a in circle.members for s in self.agents[a].skills}))
+        title, file = self.rng.choice(_TASKS[skill])
+        task = _Task(next(self.task_ids), title, file, skill, circle.id)
+        self.tasks[task.id] = task
+        self.at(self.rng.uniform(0.5, 3.0), lambda: self.assign(task))
+        return [
+            self.emit(
+                EventType.TASK_CREATED,
+                circle,
+                circle.members[0],
+                task_id=task.id,
+                title=title,
+                priority=self.rng.choices(("low", "normal", "high"), (2, 5, 2))[0],
+                skill=skill,
+            )
+        ]
+
+    def assign(self, task: _Task) -> list[Payload]:
+        circle = self.circles[task.circle]
+        idle = [self.agents[a] for a in circle.members if self.agents[a].task is None]
+        if not idle:
+            self.at(self.rng.uniform(2.0, 5.0), lambda: self.assign(task))
+            return []
+        agent = self.rng.choice([a for a in idle if task.skill in a.skills] or idle)
+        agent.task = task.id
+        task.agent = agent.id
+        self.at(self.rng.uniform(0.2, 1.5), lambda: self.start_task(task))
+        return [
+            self.emit(
+                EventType.TASK_ASSIGNED,
+                circle,
+                circle.members[0],
+                task_id=task.id,
+                agent_id=agent.id,
+                agent_name=agent.name,
+            ),
+            self.emit(
+                EventType.AGENT_TASK_ASSIGNED,
+                circle,
+                agent.id,
+                task_id=task.id,
+                agent_id=agent.id,
+                title=task.title,
+            ),
+        ]
+
+    def start_task(self, task: _Task) -> list[Payload]:
+        circle, agent = self.circles[task.circle], task.agent
+        task.started = self.clock
+        events = [
+            self.emit(
+                EventType.TASK_STARTED,
+                circle,
+                agent,
+                task_id=task.id,
+                agent_id=agent,
+                file=task.file,
+            )
+        ]
+        clash = next(
+            (
+                other
+                for other in self.running.values()
+                if other.file == task.file and self.circles[other.circle].project == circle.project
+            ),
+            None,
+        )
+        if clash is not None:
+            events.append(
+                self.emit(
+                    EventType.TASK_CONFLICT_DETECTED,
+                    circle,
+                    agent,
+                    task_id=task.id,
+                    conflicting_task_id=clash.id,
+                    file=task.file,
+                    agents=[agent, clash.agent],
+                )
+            )
+        self.running[task.id] = task
+        known = [m for m, owner in self.memories if owner in circle.members]
+        if known and self.rng.random() < 0.3:
+            events.append(
+                self.emit(
+                    EventType.MEMORY_RECALLED,
+                    circle,
+                    agent,
+                    memory_id=self.rng.choice(known),
+                    agent_id=agent,
+                    task_id=task.id,
+                )
+            )
+        offset = 0.0
+        for _ in range(self.rng.randint(1, 4)):
+            offset += self.rng.uniform(1.0, 8.0)
+            self.at(offset, lambda: self.use_tool(task))
+        self.at(offset + self.rng.uniform(1.0, 6.0), lambda: self.finish_task(task))
+        return events
+
+    def use_tool(self, task: _Task) -> list[Payload]:
+        return [
+            self.emit(
+                EventType.AGENT_TOOL_EXECUTED,
+                self.circles[task.circle],
+                task.agent,
+                agent_id=task.agent,
+                task_id=task.id,
+                tool=self.rng.choice(_TOOLS[task.skill]),
+                success=self.rng.random() > 0.08,
+                duration_ms=int(self.rng.lognormvariate(5.5, 0.8)),
+            )
+        ]
+
+    def finish_task(self, task: _Task) -> list[Payload]:
+        assert task.agent is not None
+        circle, agent = self.circles[task.circle], self.agents[task.agent]
+        del self.running[task.id], self.tasks[task.id]
+        agent.task = None
+        facts = {"task_id": task.id, "agent_id": agent.id}
+        facts["duration_ms"] = int((self.clock - task.started) * 1000)
+        if self.rng.random() < 0.82:
+            circle.completed += 1
+            if self.rng.random() < 0.5:
+                self.at(self.rng.uniform(0.2, 1.0), lambda: self.remember(agent, task))
+            return [
+                self.emit(
+                    EventType.TASK_COMPLETED,
+                    circle,
+                    agent.id,
+                    **facts,
+                    result=f"done: {task.title.lower()}",
+                    files_changed=1 + task.id % 4,
+                ),
+                self.emit(EventType.AGENT_TASK_COMPLETED, circle, agent.id, **facts),
+            ]
+        circle.failed += 1
+        error = self.rng.choice(_ERRORS).format(file=task.file)
+        return [
+            self.emit(
+                EventType.TASK_FAILED,
+                circle,
+                agent.id,
+                **facts,
+                error=error,
+                will_retry=self.rng.random() < 0.5,
+            ),
+            self.emit(EventType.AGENT_TASK_FAILED, circle, agent.id, **facts, error=error),
+        ]
+
+    # Memory, conversation, system
+
+    def remember(self, agent: _Agent, task: _Task) -> list[Payload]:
+        if agent.id not in self.agents:
+            return []
+        circle = self.circles[task.circle]
+        memory_id = next(self.memory_ids)
+        self.memories = [*self.memories[-19:], (memory_id, agent.id)]
+        fact = self.rng.choice(_FACTS).format(file=task.file, name=agent.name)
+        events = [
+            self.emit(
+                EventType.MEMORY_CREATED,
+                circle,
+                agent.id,
+                memory_id=memory_id,
+                agent_id=agent.id,
+                kind="fact",
+                content=fact,
+            )
+        ]
+        if self.rng.random() < 0.6:
+            events.append(
+                self.emit(
+                    EventType.MEMORY_SHARED,
+                    circle,
+                    agent.id,
+                    memory_id=memory_id,
+                    agent_id=agent.id,
+                    shared_with=f"circle:{circle.name}",
+                )
+            )
+        return events
+
+    def chat(self, circle: _Circle) -> list[Payload]:
+        """Members talk in turns of 2-5 messages; each turn ends with turn.complete."""
+        if not circle.active:
+            return []
+        if not circle.members:
+            self.at(5.0, lambda: self.chat(circle))
+            return []
+        if circle.messages == 0:
+            circle.turn += 1
+        circle.messages += 1
+        ends_turn = circle.messages >= self.rng.randint(2, 5)
+        pause = self.rng.uniform(8.0, 20.0) if ends_turn else self.rng.uniform(0.5, 3.0)
+        self.at(pause, lambda: self.chat(circle))
+        speakers = [a for a in circle.members if a != circle.last_speaker] or circle.members
+        speaker = circle.last_speaker = self.rng.choice(speakers)
+        files = [t.file for t in self.tasks.values() if t.circle == circle.id] or ["README.md"]
+        events = [
+            self.emit(
+                EventType.CONVERSATION_MESSAGE,
+                circle,
+                speaker,
+                conversation_id=circle.conversation,
+                turn=circle.turn,
+                agent_id=speaker,
+                content=self.rng.choice(_LINES).format(file=self.rng.choice(files)),
+            )
+        ]
+        if ends_turn:
+            events.append(
+                self.emit(
+                    EventType.CONVERSATION_TURN_COMPLETE,
+                    circle,
+                    conversation_id=circle.conversation,
+                    turn=circle.turn,
+                    messages=circle.messages,
+                )
+            )
+            circle.messages = 0
+        return events
+
+    def system_warning(self) -> list[Payload]:
+        self.at(self.rng.uniform(60.0, 150.0), self.system_warning)
+        component, text = self.rng.choice(_WARNINGS)
+        message = text.format(n=self.rng.randint(2, 9))
+        return [self.emit(EventType.SYSTEM_WARNING, component=component, message=message)]
+
+
+def demo_messages(count: int | None = None, *, seed: int = 0) -> Iterator[Payload]:
+    """Yield ``count`` (default: endless) publish payloads of a seeded GatheRing story.
+
+    Each payload is the ``data`` of a protocol ``publish`` message: a dict with
+    ``type``, ``data``, ``source_agent_id``, ``circle_id`` and ``project_id``,
+    about 100-300 bytes as JSON. The same ``seed`` always yields the same story.
+    """
+    if count is not None and (not isinstance(count, int) or count < 0):
+        raise ValueError(f"count must be a non-negative integer or None, not {count!r}")
+    story = iter(_Story(seed))
+    if count is None:
+        return story
+    return itertools.islice(story, count)
+
+
+class _Pacer:
+    """A monotonic schedule of ``rate`` ticks per second (0: no pacing) that does not drift."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.interval = 1.0 / rate if rate else 0.0
+        self.next = time.monotonic()
+
+    async def wait(self) -> None:
+        if not self.interval:
+            return
+        delay = self.next - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        elif delay < -1.0:  # far behind (suspended laptop, stalled loop): do not burst
+            self.next = time.monotonic()
+        self.next += self.interval
+
+
+def _check_rate_count(rate: float | None, count: int | None) -> None:
+    if rate is not None and not rate >= 0:
+        raise ValueError(f"rate must be >= 0 events per second, not {rate!r}")
+    if count is not None and (not isinstance(count, int) or count < 1):
+        raise ValueError(f"count must be a positive integer or None, not {count!r}")
+
+
+async def publish_demo(
+    bus: EventBus, count: int | None, *, rate: float | None = None, seed: int = 0
+) -> int:
+    """Publish ``count`` demo events (None: until cancelled) on ``bus``; return how many.
+
+    ``rate`` paces publishing in events per second (None or 0: as fast as the
+    bus's handlers allow). Use it in a notebook to feed an in-process server.
+    """
+    _check_rate_count(rate, count)
+    pacer = _Pacer(rate)
+    published = 0
+    for payload in demo_messages(count, seed=seed):
+        await pacer.wait()
+        await bus.publish(Event(**payload))
+        published += 1
+    return published
+
+
+# Connecting (shared with ``gathering-lab listen``)
+
+
+def ws_url(text: str) -> str:
+    """Check a WebSocket URL (``ws://`` or ``wss://`` with a host); argparse-friendly."""
+    try:
+        parts = urlsplit(text)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid URL {text!r}: {exc}") from None
+    if parts.scheme not in ("ws", "wss"):
+        raise argparse.ArgumentTypeError(
+            f"invalid URL {text!r}: the scheme must be ws:// or wss://, e.g. {DEFAULT_URL}"
+        )
+    if not parts.hostname:
+        raise argparse.ArgumentTypeError(f"invalid URL {text!r}: no host")
+    return text
+
+
+def with_client_id(url: str, client_id: str | None) -> str:
+    """Return ``url`` with ``?client_id=`` set to ``client_id`` (None: keep the URL's)."""
+    if client_id is None:
+        return url
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "client_id"]
+    query.append(("client_id", client_id))
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def _connect_error(url: str, exc: BaseException) -> ConnectionFailed:
+    """Translate a failed WebSocket opening handshake into a message for humans."""
+    if isinstance(exc, ConnectionRefusedError):
+        return ConnectionFailed(
+            f"cannot reach {url}: connection refused — is `gathering-lab serve` running?"
+        )
+    if isinstance(exc, InvalidStatus):
+        response = exc.response
+        hint = ""
+        if urlsplit(url).path != "/ws/dashboard":
+            hint = "; the GatheRing WebSocket endpoint is /ws/dashboard"
+        return ConnectionFailed(
+            f"{url} is not a WebSocket endpoint: the server answered "
+            f"HTTP {response.status_code} {response.reason_phrase}{hint}"
+        )
+    if isinstance(exc, InvalidHandshake):
+        return ConnectionFailed(f"{url} is not a WebSocket server: {exc}")
+    if isinstance(exc, TimeoutError):
+        return ConnectionFailed(
+            f"cannot reach {url}: no WebSocket handshake within {OPEN_TIMEOUT:g}s"
+        )
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        return ConnectionFailed(f"cannot reach {url}: {reason[:1].lower()}{reason[1:]}")
+    return ConnectionFailed(f"cannot reach {url}: {exc}")
+
+
+def closed_message(url: str, exc: ConnectionClosed) -> str:
+    """Describe a connection the server closed (or lost), with the close code and reason."""
+    if exc.rcvd is None:
+        return f"lost the connection to {url}: no close frame received"
+    return f"the server closed the connection to {url}: code {exc.rcvd}"
+
+
+@asynccontextmanager
+async def open_connection(
+    url: str, *, client_id: str | None = None, **options: Any
+) -> AsyncIterator[ClientConnection]:
+    """Open a WebSocket connection to ``url`` as ``client_id`` (None: the URL's own, if any).
+
+    Failures raise ConnectionFailed with a message for humans that names ``url``.
+    Loopback URLs bypass any configured HTTP proxy; compression is off unless
+    ``compression="deflate"`` is passed. Other ``options`` go to websockets' ``connect``.
+    """
+    try:
+        host = urlsplit(url).hostname
+    except ValueError as exc:
+        raise ValueError(f"invalid URL {url!r}: {exc}") from None
+    if host in _LOOPBACK_HOSTS:
+        options.setdefault("proxy", None)
+    options.setdefault("compression", None)
+    options.setdefault("open_timeout", OPEN_TIMEOUT)
+    try:
+        ws = await connect(with_client_id(url, client_id), **options)
+    except InvalidURI as exc:
+        raise ValueError(f"invalid URL {url!r}: {exc}") from None
+    except (OSError, InvalidHandshake, TimeoutError) as exc:
+        raise _connect_error(url, exc) from None
+    try:
+        yield ws
+    finally:
+        await ws.close()
+
+
+# Publishing over WebSocket
+
+
+@dataclass(slots=True)
+class DemoResult:
+    """What :func:`run_demo` did: publishes sent, acknowledged, refused, and how long it took."""
+
+    sent: int = 0
+    acked: int = 0
+    errors: int = 0
+    elapsed: float = 0.0
+    #: The ``data`` of the server's ``connection.established`` greeting.
+    greeting: dict[str, Any] = field(default_factory=dict)
+    #: The message of the most recent ``error`` reply, if any.
+    last_error: str | None = None
+
+    @property
+    def rate(self) -> float:
+        """Average events sent per second."""
+        return self.sent / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def unanswered(self) -> int:
+        """Publishes the server has not answered (yet)."""
+        return self.sent - self.acked - self.errors
+
+
+def publish_message(payload: Payload) -> bytes:
+    """Return the text frame (UTF-8 JSON) of a ``publish`` message carrying ``payload``."""
+    protocol.check_event_type(payload["type"])
+    message = protocol.Publish(**payload)
+    return protocol.encode({"type": "publish", "data": dataclasses.asdict(message)})
+
+
+class _Replies:
+    """Reads what the server sends a publisher: counts acks and errors, ignores the echoes."""
+
+    def __init__(self, ws: ClientConnection, result: DemoResult) -> None:
+        self.ws = ws
+        self.result = result
+        self.changed = asyncio.Event()
+        self.closed: ConnectionClosed | None = None
+
+    def handle(self, raw: str | bytes) -> None:
+        try:
+            message = protocol.decode(raw)
+        except ProtocolError as exc:
+            logger.warning("ignoring a message from the server: %s", exc)
+            return
+        kind = message["type"]
+        if kind == "published":
+            self.result.acked += 1
+        elif kind == "error":
+            data = message.get("data") or {}
+            self.result.errors += 1
+            self.result.last_error = f"{data.get('code')}: {data.get('message')}"
+            logger.debug("server refused a publish: %s", self.result.last_error)
+        else:
+            return  # our own events coming back, pongs, ...
+        self.changed.set()
+
+    async def run(self) -> None:
+        try:
+            async for raw in self.ws:
+                self.handle(raw)
+        except ConnectionClosed as exc:
+            self.closed = exc
+        else:
+            self.closed = ConnectionClosed(self.ws.protocol.close_rcvd, self.ws.protocol.close_sent)
+        self.changed.set()
+
+    async def wait(self, deadline: float) -> bool:
+        """Wait for the next reply; return False at the deadline. Raises ConnectionClosed."""
+        self.changed.clear()
+        if self.closed is not None:
+            raise self.closed
+        try:
+            await asyncio.wait_for(self.changed.wait(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            return False
+        if self.closed is not None:
+            raise self.closed
+        return True
+
+
+async def run_demo(
+    url: str = DEFAULT_URL,
+    *,
+    count: int | None = None,
+    rate: float = 5.0,
+    client_id: str | None = "demo",
+    seed: int = 0,
+    progress: Callable[[DemoResult], None] | None = None,
+    progress_interval: float = 1.0,
+    max_in_flight: int = 256,
+    reply_timeout: float = 10.0,
+) -> DemoResult:
+    """Publish demo traffic to a GatheRing server over WebSocket and return the counts.
+
+    Connects to ``url`` (with ``?client_id=client_id``; None keeps the URL's),
+    reads ``connection.established``, then sends ``count`` publish messages
+    (None: until cancelled) at ``rate`` events per second on a monotonic
+    schedule (0: as fast as the server answers, at most ``max_in_flight``
+    unanswered). ``progress`` is called with the running :class:`DemoResult`
+    after connecting, about every ``progress_interval`` seconds, and at the end.
+
+    Raises :class:`~gathering_lab.exceptions.ConnectionFailed` if the server
+    cannot be reached, is not a WebSocket server, closes the connection, or
+    leaves publishes unanswered for ``reply_timeout`` seconds.
+    """
+    _check_rate_count(rate, count)
+    if max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be >= 1, not {max_in_flight!r}")
+    result = DemoResult()
+    async with open_connection(url, client_id=client_id) as ws:
+        try:
+            greeting = protocol.decode(await asyncio.wait_for(ws.recv(), OPEN_TIMEOUT))
+        except ConnectionClosed as exc:
+            raise ConnectionFailed(closed_message(url, exc)) from None
+        except TimeoutError:
+            raise ConnectionFailed(f"{url} sent no greeting within {OPEN_TIMEOUT:g}s") from None
+        except ProtocolError as exc:
+            raise ConnectionFailed(f"{url} is not a GatheRing server: {exc}") from None
+        if greeting["type"] != "connection.established":
+            raise ConnectionFailed(
+                f"{url} is not a GatheRing server: it greeted with {greeting['type']!r}"
+            )
+        result.greeting = dict(greeting.get("data") or {})
+        logger.info("connected to %s as %s", url, result.greeting.get("client_id"))
+        started = time.monotonic()
+        replies = _Replies(ws, result)
+        reader = asyncio.create_task(replies.run(), name="demo-replies")
+        ticker: asyncio.Task[None] | None = None
+
+        def report() -> None:
+            result.elapsed = time.monotonic() - started
+            if progress is not None:
+                progress(result)
+
+        async def tick() -> None:
+            while True:
+                await asyncio.sleep(progress_interval)
+                report()
+
+        report()
+        if progress is not None:
+            ticker = asyncio.create_task(tick(), name="demo-progress")
+        try:
+            pacer = _Pacer(rate)
+            for payload in demo_messages(count, seed=seed):
+                await pacer.wait()
+                deadline = time.monotonic() + reply_timeout
+                while result.unanswered >= max_in_flight:
+                    if not await replies.wait(deadline):
+                        raise ConnectionFailed(
+                            f"{url} left {result.unanswered} publish messages unanswered "
+                            f"for {reply_timeout:g}s; does it accept 'publish'?"
+                        )
+                if replies.closed is not None:
+                    raise replies.closed
+                await ws.send(publish_message(payload), text=True)
+                result.sent += 1
+            deadline = time.monotonic() + reply_timeout
+            while result.unanswered > 0:
+                if not await replies.wait(deadline):
+                    logger.warning(
+                        "%d publish messages unanswered after %gs",
+                        result.unanswered,
+                        reply_timeout,
+                    )
+                    break
+        except ConnectionClosed as exc:
+            closed = replies.closed if replies.closed is not None else exc
+            raise ConnectionFailed(closed_message(url, closed)) from None
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            result.elapsed = time.monotonic() - started
+        report()
+    return result
+
+
+# Command line
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid rate {text!r}: events per second") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid rate {text!r}: must be >= 0 (0 = no limit)")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid count {value}: must be at least 1")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: expected an integer") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``demo`` command's arguments."""
-    parser.add_argument("--url", default="ws://127.0.0.1:8000/ws/dashboard")
+    parser.add_argument(
+        "--url", type=ws_url, default=DEFAULT_URL, help=f"server WebSocket URL ({DEFAULT_URL})"
+    )
+    parser.add_argument(
+        "--rate", type=_rate, default=5.0, help="events per second (default 5; 0 = no limit)"
+    )
+    parser.add_argument(
+        "--count", type=positive_int, default=None, help="stop after N events (default: Ctrl+C)"
+    )
+    parser.add_argument("--seed", type=_seed, default=0, help="story seed (default 0)")
+    parser.add_argument(
+        "--client-id",
+        default=None,
+        help="client id to connect as (default: the URL's client_id, else 'demo')",
+    )
+
+
+def _progress_line(result: DemoResult) -> str:
+    return (
+        f"demo: {result.sent} sent, {result.acked} acked, {result.errors} errors, "
+        f"{result.rate:.1f} ev/s"
+    )
 
 
 async def run_cli(args: argparse.Namespace) -> int:
-    """Run ``gathering-lab demo``."""
-    raise NotImplementedError
+    """Run ``gathering-lab demo``: publish until ``--count`` or Ctrl+C, progress on stderr.
+
+    Exit status: 0 when every publish was acknowledged, 1 when the server refused
+    or did not answer some (connection failures raise ConnectionFailed).
+    """
+    err = sys.stderr
+    tty = err.isatty()
+    state: dict[str, Any] = {"result": None, "open_line": False}
+
+    def show(result: DemoResult) -> None:
+        if state["result"] is None:
+            state["result"] = result
+            server = result.greeting.get("server", "server")
+            pace = f"{args.rate:g} ev/s" if args.rate else "no rate limit"
+            print(
+                f"demo: connected to {args.url} as {result.greeting.get('client_id')} "
+                f"({server}), {pace}",
+                file=err,
+                flush=True,
+            )
+            return
+        if tty:
+            print(f"\r{_progress_line(result)}\x1b[K", end="", file=err, flush=True)
+            state["open_line"] = True
+        else:
+            print(_progress_line(result), file=err, flush=True)
+
+    def end_line() -> None:
+        if state["open_line"]:
+            print(file=err, flush=True)
+            state["open_line"] = False
+
+    client_id = args.client_id
+    if client_id is None and "client_id" not in dict(parse_qsl(urlsplit(args.url).query)):
+        client_id = "demo"
+    try:
+        result = await run_demo(
+            args.url,
+            count=args.count,
+            rate=args.rate,
+            client_id=client_id,
+            seed=args.seed,
+            progress=show,
+        )
+    except asyncio.CancelledError:  # Ctrl+C: say where we stopped, then let cli exit 130
+        end_line()
+        if state["result"] is not None:
+            print(_progress_line(state["result"]), file=err, flush=True)
+        raise
+    except BaseException:
+        end_line()
+        raise
+    end_line()
+    if result.errors:
+        print(
+            f"demo: the server refused {result.errors} of {result.sent} publishes "
+            f"(last: {result.last_error})",
+            file=err,
+            flush=True,
+        )
+    if result.unanswered:
+        print(f"demo: {result.unanswered} publishes were not answered", file=err, flush=True)
+    return 1 if result.errors or result.unanswered else 0

@@ -297,18 +297,36 @@ class EventBus:
         else:
             self._delivered += 1
 
-    def _bind_loop(self) -> None:
+    def bind_loop(self, loop: asyncio.AbstractEventLoop, thread_id: int | None = None) -> None:
+        """Make ``loop`` (running in thread ``thread_id``) the bus's home.
+
+        Publishing from another thread or loop then hands the event to the home
+        loop, so handlers always run there and ``seq`` order is delivery order.
+        A bus binds itself to the first loop it publishes on.
+        """
+        self._loop = loop
+        self._loop_thread = threading.get_ident() if thread_id is None else thread_id
+
+    def _foreign_home(self) -> asyncio.AbstractEventLoop | None:
+        """The home loop if it runs elsewhere and is alive, else None (and rebind here)."""
+        home = self._loop
+        if home is not None and threading.get_ident() != self._loop_thread:
+            if home.is_running() and not home.is_closed():
+                return home
         try:
-            loop = asyncio.get_running_loop()
+            here = asyncio.get_running_loop()
         except RuntimeError:
-            return
-        if loop is not self._loop:
-            self._loop = loop
-            self._loop_thread = threading.get_ident()
+            return None
+        if here is not home:
+            self.bind_loop(here)
+        return None
 
     async def publish(self, event: Event) -> Event:
         """Publish ``event`` to every matching handler and wait for the async ones to finish."""
-        self._bind_loop()
+        home = self._foreign_home()
+        if home is not None:
+            future = asyncio.run_coroutine_threadsafe(self.publish(event), home)
+            return await asyncio.wrap_future(future)
         pending = []
         for sub in self._record(event):
             awaitable = self._run_sync(sub, event)
@@ -329,10 +347,11 @@ class EventBus:
 
         Safe to call from another thread: the event is then handed to the bus's loop.
         """
-        if self._loop is not None and threading.get_ident() != self._loop_thread:
+        home = self._foreign_home()
+        if home is not None:
             if not isinstance(event, Event):
                 raise TypeError(f"expected an Event, not {type(event).__name__}")
-            self._loop.call_soon_threadsafe(self._publish_here, event)
+            home.call_soon_threadsafe(self._publish_here, event)
             return event
         return self._publish_here(event)
 

@@ -6,7 +6,17 @@ import importlib
 
 import gathering_lab
 
-MODULES = ["events", "exceptions", "protocol", "websocket", "websocket.integration", "testing"]
+MODULES = [
+    "client",
+    "events",
+    "exceptions",
+    "frame",
+    "kernel",
+    "protocol",
+    "testing",
+    "websocket",
+    "websocket.integration",
+]
 
 
 def test_every_public_name_resolves() -> None:
@@ -16,7 +26,7 @@ def test_every_public_name_resolves() -> None:
 
 def test_top_level_names_come_from_submodules() -> None:
     exported: set[str] = set()
-    for module in ("events", "exceptions", "websocket"):
+    for module in ("events", "exceptions", "websocket", "frame", "client", "kernel"):
         exported.update(importlib.import_module(f"gathering_lab.{module}").__all__)
     missing = set(gathering_lab.__all__) - exported - {"__version__"}
     assert not missing, f"top-level names not exported by a submodule: {missing}"

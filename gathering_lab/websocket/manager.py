@@ -94,6 +94,7 @@ class Session:
         "filters",
         "closing",
         "remote",
+        "joined_seq",
     )
 
     def __init__(self, connection: ServerConnection, client_id: str) -> None:
@@ -107,6 +108,7 @@ class Session:
         self.messages_received = 0
         self.filters = ALL
         self.closing = False
+        self.joined_seq = 0
         remote = connection.remote_address
         self.remote = f"{remote[0]}:{remote[1]}" if remote else None
 

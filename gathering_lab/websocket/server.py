@@ -127,6 +127,9 @@ class Server:
             self.bus.unsubscribe(self._subscription)
             self._subscription = None
         self.manager.flush()
+        # Release the port now (websockets closes the listening socket in a task),
+        # so a server can start again on it straight away.
+        self._ws_server.server.close()
         self._ws_server.close(close_connections=True)
 
     async def wait_closed(self) -> None:
@@ -261,6 +264,7 @@ class _Handler:
             return
 
         session = self.manager.connect(connection, client_id)
+        session.joined_seq = self.bus.last_seq
         logger.info("client %s connected from %s", client_id, session.remote)
         try:
             self.manager.send(
@@ -344,10 +348,15 @@ class _Handler:
             resume.since_seq + 1 < bus.oldest_seq
         )
         if resume.epoch is not None and resume.epoch != bus.epoch:
-            events: list[Event] = []
+            # Another run of the numbering: the old one is gone (gap), but this
+            # run's history is all new to the client.
+            events = bus.since(0)
         else:
             events = bus.since(resume.since_seq)
-        events = [e for e in events if filters_match(session.filters, e)]
+        # Events after joined_seq already went out live: replay only those before.
+        # (Resuming in the URL, ?last_seq=N, also keeps everything in order.)
+        limit = session.joined_seq
+        events = [e for e in events if (e.seq or 0) <= limit and filters_match(session.filters, e)]
         sent = self.manager.send_events(session, events)
         self.manager.send(
             session,
