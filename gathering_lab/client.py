@@ -225,7 +225,7 @@ class LabClient:
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise TypeError(f"data must be a dict, not {type(data).__name__}")
+            raise TypeError(f"data must be a dict, not {data.__class__.__name__}")
         message = {
             "type": "publish",
             "data": {
@@ -257,7 +257,12 @@ class LabClient:
             data["circle_id"] = circle_id
         if project_id is not None:
             data["project_id"] = project_id
-        parsed = protocol.parse_client_message(protocol.encode({"type": "subscribe", "data": data}))
+        try:
+            parsed = protocol.parse_client_message(
+                protocol.encode({"type": "subscribe", "data": data})
+            )
+        except ProtocolError as exc:
+            raise ValueError(exc.message) from None
         assert isinstance(parsed, protocol.Subscribe)
         self._filters = parsed.filters
         return await self._request("subscribed", {"type": "subscribe", "data": data})
@@ -458,7 +463,10 @@ class LabClient:
         if kind not in CONTROL_TYPES:
             self._event(message, received_at)
         elif kind == "pong":
-            ping = self._pings.get(str(message.get("id")))
+            if "id" in message:
+                ping = self._pings.get(str(message["id"]))
+            else:  # the guide's original server does not echo ids: oldest first
+                ping = next((p for p in self._pings.values() if not p.done()), None)
             if ping is not None and not ping.done():
                 ping.set_result(received_at)
         elif kind == "error":

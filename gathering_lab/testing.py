@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import socket
@@ -95,13 +96,13 @@ async def recv_until(
 
 
 async def wait_for(
-    condition: Callable[[], bool | Awaitable[bool]], wait: float = 5.0, interval: float = 0.01
+    condition: Callable[[], object | Awaitable[object]], wait: float = 5.0, interval: float = 0.01
 ) -> None:
     """Wait until ``condition()`` is true; raise TimeoutError after ``wait`` seconds."""
     deadline = time.monotonic() + timeout(wait)
     while True:
         result = condition()
-        if not isinstance(result, bool):
+        if inspect.isawaitable(result):
             result = await result
         if result:
             return
