@@ -71,6 +71,8 @@ class Lab:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ready: Future[None] = Future()
         self._frame_sub: str | None = None
+        self._sock: Any = None
+        self._serve_task: asyncio.Task[Any] | None = None
         self.port = port
 
     # Lifecycle
@@ -92,7 +94,8 @@ class Lab:
             self.mode = "loop"
             self._loop = loop
             self.bus.bind_loop(loop)
-            self._spawn(self._serve(sock))
+            self._sock = sock
+            self._serve_task = self._spawn(self._serve(sock))
         else:
             self.mode = "thread"
             self._loop = asyncio.new_event_loop()
@@ -116,6 +119,10 @@ class Lab:
                 broadcast=True,
                 **self.serve_options,
             )
+        except asyncio.CancelledError:
+            sock.close()
+            self._ready.cancel()
+            raise
         except BaseException as exc:
             sock.close()
             self.status = f"failed: {exc}"
@@ -147,6 +154,10 @@ class Lab:
             self.bus.unsubscribe(self._frame_sub)
             self._frame_sub = None
         server = self.server
+        if server is None and self._serve_task is not None:
+            # Stopped before serve() ran: release the bound port ourselves.
+            self._serve_task.cancel()
+            self._sock.close()
         if server is not None:
             if self.mode == "thread" and self._loop is not None:
                 self._loop.call_soon_threadsafe(server.close)
