@@ -1,10 +1,18 @@
-"""gathering_lab: watch, drive and analyse a live GatheRing event stream from a notebook."""
+"""gathering_lab: watch, drive and analyse a live GatheRing event stream from a notebook.
+
+The bus, the protocol and the server import only the standard library and
+websockets; the notebook side (EventFrame, LabClient, start, workbench) brings
+in pandas and ipywidgets, so it is imported on first use. A standalone server
+(``gathering-lab serve``) never loads them.
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .client import LabClient, connect  # noqa: E402
+import importlib  # noqa: E402
+from typing import TYPE_CHECKING, Any  # noqa: E402
+
 from .events import Event, EventBus, EventType, event_bus  # noqa: E402
 from .exceptions import (  # noqa: E402
     AuthError,
@@ -13,9 +21,37 @@ from .exceptions import (  # noqa: E402
     PortInUseError,
     ProtocolError,
 )
-from .frame import EventFrame  # noqa: E402
-from .kernel import Lab, start, stop  # noqa: E402
 from .websocket import ConnectionManager, Server, get_connection_manager, serve  # noqa: E402
+
+if TYPE_CHECKING:
+    from .client import LabClient, connect
+    from .frame import EventFrame
+    from .kernel import Lab, start, stop
+    from .widgets.workbench import workbench
+
+_LAZY = {
+    "EventFrame": "frame",
+    "LabClient": "client",
+    "connect": "client",
+    "Lab": "kernel",
+    "start": "kernel",
+    "stop": "kernel",
+    "workbench": "widgets",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gathering_lab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "AuthError",
@@ -38,4 +74,5 @@ __all__ = [
     "serve",
     "start",
     "stop",
+    "workbench",
 ]

@@ -70,6 +70,8 @@ async def test_section3_python_client_runs_unchanged_against_the_cli_server(
     first = await asyncio.wait_for(client.stdout.readline(), timeout(10))
     assert first.startswith(b"Connected: {'type': 'connection.established'")
     assert b"'client_id': 'python-test'" in first
+    pong = await asyncio.wait_for(client.stdout.readline(), timeout(10))
+    assert pong.startswith(b"Pong: {'type': 'pong', 'timestamp': '")
     # Generate events from another client, as the guide's step 4 does.
     async with connect(f"ws://127.0.0.1:{cli_server}/ws/dashboard?client_id=gen") as gen:
         await recv_json(gen)
@@ -87,8 +89,7 @@ async def test_section3_python_client_runs_unchanged_against_the_cli_server(
         )
         await recv_json(gen)
     out, err = await asyncio.wait_for(client.communicate(), timeout(15))
-    lines = (first + out).decode().splitlines()
-    assert lines[1].startswith("Pong: {'type': 'pong', 'timestamp': '")
+    lines = (first + pong + out).decode().splitlines()
     assert lines[2] == "Event: agent.started - {'agent_id': 1, 'name': 'Alice'}"
     assert lines[-1] == "Timeout - no more events"
     assert client.returncode == 0, err.decode()
