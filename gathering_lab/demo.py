@@ -27,6 +27,7 @@ import dataclasses
 import heapq
 import itertools
 import logging
+import os
 import random
 import sys
 import time
@@ -34,7 +35,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import (
@@ -50,8 +51,10 @@ from .exceptions import ConnectionFailed, ProtocolError
 
 __all__ = [
     "DEFAULT_URL",
+    "TOKEN_ENV",
     "DemoResult",
     "add_arguments",
+    "add_token_argument",
     "closed_message",
     "demo_messages",
     "open_connection",
@@ -67,6 +70,8 @@ __all__ = [
 logger = logging.getLogger("gathering_lab.demo")
 
 DEFAULT_URL = "ws://127.0.0.1:8000/ws/dashboard"
+#: Environment variable the ``demo`` and ``listen`` commands read a token from.
+TOKEN_ENV = "GATHERING_LAB_TOKEN"
 OPEN_TIMEOUT = 10.0
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -731,18 +736,25 @@ def closed_message(url: str, exc: ConnectionClosed) -> str:
     """Describe a connection the server closed (or lost), with the close code and reason."""
     if exc.rcvd is None:
         return f"lost the connection to {url}: no close frame received"
-    return f"the server closed the connection to {url}: code {exc.rcvd}"
+    text = f"the server closed the connection to {url}: code {exc.rcvd}"
+    reason = exc.rcvd.reason.lower()
+    if exc.rcvd.code == 1008 and ("auth" in reason or "token" in reason):
+        text += f" (pass a token with --token or ${TOKEN_ENV})"
+    return text
 
 
 @asynccontextmanager
 async def open_connection(
-    url: str, *, client_id: str | None = None, **options: Any
+    url: str, *, client_id: str | None = None, token: str | None = None, **options: Any
 ) -> AsyncIterator[ClientConnection]:
     """Open a WebSocket connection to ``url`` as ``client_id`` (None: the URL's own, if any).
 
-    Failures raise ConnectionFailed with a message for humans that names ``url``.
-    Loopback URLs bypass any configured HTTP proxy; compression is off unless
-    ``compression="deflate"`` is passed. Other ``options`` go to websockets' ``connect``.
+    ``token`` (a JWT, for servers with authentication) goes in an
+    ``Authorization: Bearer`` header, never in the URL, and is redacted from
+    websockets' debug logs. Failures raise ConnectionFailed with a message for
+    humans that names ``url``. Loopback URLs bypass any configured HTTP proxy;
+    compression is off unless ``compression="deflate"`` is passed. Other
+    ``options`` go to websockets' ``connect``.
     """
     try:
         host = urlsplit(url).hostname
@@ -752,6 +764,14 @@ async def open_connection(
         options.setdefault("proxy", None)
     options.setdefault("compression", None)
     options.setdefault("open_timeout", OPEN_TIMEOUT)
+    if token:
+        from .auth import install_redaction
+
+        install_redaction(options.setdefault("logger", logging.getLogger("websockets.client")))
+        options["additional_headers"] = {
+            **dict(options.get("additional_headers") or {}),
+            "Authorization": f"Bearer {token}",
+        }
     try:
         ws = await connect(with_client_id(url, client_id), **options)
     except InvalidURI as exc:
@@ -817,9 +837,13 @@ class _Replies:
         if kind == "published":
             self.result.acked += 1
         elif kind == "error":
-            data = message.get("data") or {}
+            data = message.get("data")
+            if not isinstance(data, dict):
+                data = {"message": data}
             self.result.errors += 1
-            self.result.last_error = f"{data.get('code')}: {data.get('message')}"
+            self.result.last_error = ": ".join(
+                str(data[key]) for key in ("code", "message") if data.get(key) is not None
+            )
             logger.debug("server refused a publish: %s", self.result.last_error)
         else:
             return  # our own events coming back, pongs, ...
@@ -856,6 +880,7 @@ async def run_demo(
     rate: float = 5.0,
     client_id: str | None = "demo",
     seed: int = 0,
+    token: str | None = None,
     progress: Callable[[DemoResult], None] | None = None,
     progress_interval: float = 1.0,
     max_in_flight: int = 256,
@@ -863,12 +888,13 @@ async def run_demo(
 ) -> DemoResult:
     """Publish demo traffic to a GatheRing server over WebSocket and return the counts.
 
-    Connects to ``url`` (with ``?client_id=client_id``; None keeps the URL's),
-    reads ``connection.established``, then sends ``count`` publish messages
-    (None: until cancelled) at ``rate`` events per second on a monotonic
-    schedule (0: as fast as the server answers, at most ``max_in_flight``
-    unanswered). ``progress`` is called with the running :class:`DemoResult`
-    after connecting, about every ``progress_interval`` seconds, and at the end.
+    Connects to ``url`` (with ``?client_id=client_id``; None keeps the URL's;
+    ``token``, if any, goes in a Bearer header), reads ``connection.established``,
+    then sends ``count`` publish messages (None: until cancelled) at ``rate``
+    events per second on a monotonic schedule (0: as fast as the server answers,
+    at most ``max_in_flight`` unanswered). ``progress`` is called with the
+    running :class:`DemoResult` after connecting, about every
+    ``progress_interval`` seconds, and at the end.
 
     Raises :class:`~gathering_lab.exceptions.ConnectionFailed` if the server
     cannot be reached, is not a WebSocket server, closes the connection, or
@@ -878,7 +904,7 @@ async def run_demo(
     if max_in_flight < 1:
         raise ValueError(f"max_in_flight must be >= 1, not {max_in_flight!r}")
     result = DemoResult()
-    async with open_connection(url, client_id=client_id) as ws:
+    async with open_connection(url, client_id=client_id, token=token) as ws:
         try:
             greeting = protocol.decode(await asyncio.wait_for(ws.recv(), OPEN_TIMEOUT))
         except ConnectionClosed as exc:
@@ -939,10 +965,10 @@ async def run_demo(
             closed = replies.closed if replies.closed is not None else exc
             raise ConnectionFailed(closed_message(url, closed)) from None
         finally:
-            if ticker is not None:
-                ticker.cancel()
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            helpers = [reader] if ticker is None else [reader, ticker]
+            for helper in helpers:
+                helper.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
             result.elapsed = time.monotonic() - started
         report()
     return result
@@ -994,7 +1020,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--client-id",
         default=None,
-        help="client id to connect as (default: the URL's client_id, else 'demo')",
+        help="client id (default: the URL's client_id, the token's subject, else 'demo')",
+    )
+    add_token_argument(parser)
+
+
+def add_token_argument(parser: argparse.ArgumentParser) -> None:
+    """Add ``--token`` (a JWT for servers with authentication; default: $GATHERING_LAB_TOKEN)."""
+    parser.add_argument(
+        "--token",
+        default=None,
+        help=f"JWT for a server with authentication, sent as a Bearer header "
+        f"(default: ${TOKEN_ENV}, which keeps it out of the process list)",
     )
 
 
@@ -1038,9 +1075,10 @@ async def run_cli(args: argparse.Namespace) -> int:
             print(file=err, flush=True)
             state["open_line"] = False
 
+    token = args.token or os.environ.get(TOKEN_ENV)
     client_id = args.client_id
-    if client_id is None and "client_id" not in dict(parse_qsl(urlsplit(args.url).query)):
-        client_id = "demo"
+    if client_id is None and not token and "client_id" not in parse_qs(urlsplit(args.url).query):
+        client_id = "demo"  # with a token, the server names the client after its subject
     try:
         result = await run_demo(
             args.url,
@@ -1048,6 +1086,7 @@ async def run_cli(args: argparse.Namespace) -> int:
             rate=args.rate,
             client_id=client_id,
             seed=args.seed,
+            token=token,
             progress=show,
         )
     except asyncio.CancelledError:  # Ctrl+C: say where we stopped, then let cli exit 130

@@ -1,9 +1,10 @@
 """EventFrame: a live pandas DataFrame of the events a client received.
 
-Appending is cheap: each message is split into per-column buffers (bounded deques when
-``max_rows`` is set) and nothing is converted until the frame is read. Reading ``.df`` builds
-the whole DataFrame with vectorised conversions and caches it until the next change, so a
-renderer that polls ``version`` and reads ``tail()`` stays cheap on a fast stream.
+Appending is cheap (amortised O(1), no pandas call): each message is split into per-column
+buffers and nothing is converted until the frame is read. Reading ``.df`` builds the whole
+DataFrame with vectorised conversions and caches it until the next change, so a renderer that
+polls ``version`` and reads ``tail()`` stays cheap on a fast stream. With ``max_rows`` the
+oldest rows are evicted and counted in ``dropped``; nothing is dropped silently.
 
 Columns (``COLUMNS``), one row per message:
 
@@ -41,7 +42,7 @@ from enum import Enum
 from itertools import islice
 from os import PathLike
 from time import time as _now
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -81,6 +82,7 @@ _FIELDS: tuple[str, ...] = (
 )
 _ID_COLUMNS = ("seq", "source_agent_id", "circle_id", "project_id")
 _TIME_COLUMNS = ("received_at", "timestamp")
+_TEXT_COLUMNS = ("type", "event_id", "epoch", "client_id")
 
 # Shared copies of repeated strings (types, epochs): one object instead of one per row.
 _INTERNED: dict[str, str] = {}
@@ -308,6 +310,10 @@ class EventFrame:
 
         Either every message is added or, if one is invalid, none is.
         """
+        if isinstance(messages, Mapping):
+            raise TypeError(
+                f"extend takes an iterable of messages, got one message: {_short(messages)}"
+            )
         received = _now() if received_at is None else _check_received_at(received_at)
         client_id = self._client_id
         rows = [_extract(message, received, client_id) for message in messages]
@@ -338,18 +344,25 @@ class EventFrame:
         """All kept rows as a DataFrame (cached until the next change; a cheap copy each read)."""
         with self._lock:
             if self._cache is not None and self._cache_version == self._version:
-                return self._cache.copy(deep=False)
+                return _for_reader(self._cache)
             version = self._version
             start = self._dropped
-            columns, size = self._columns, len(self._columns[-1])
-            if self._max_rows is not None:
-                columns = tuple(list(column) for column in columns)
-        frame = _build([column[:size] for column in columns], start)  # type: ignore[index]
+            size = len(self._columns[-1])
+            if self._max_rows is None:
+                lists = cast("tuple[list[Any], ...]", self._columns)
+                snapshot = None
+            else:
+                snapshot = [list(column) for column in self._columns]
+        if snapshot is None:
+            # Append-only lists: the first ``size`` rows never change, so copy them unlocked
+            # (one slice is atomic under the GIL).
+            snapshot = [column[:size] for column in lists]
+        frame = _build(snapshot, start)
         with self._lock:
             if self._version == version:
                 self._cache = frame
                 self._cache_version = version
-        return frame.copy(deep=False)
+        return _for_reader(frame)
 
     @property
     def df_flat(self) -> pd.DataFrame:
@@ -366,11 +379,11 @@ class EventFrame:
         version = self._version
         cached = self._flat_cache
         if cached is not None and cached[0] == version and cached[1] == max_level:
-            return cached[2].copy(deep=False)
+            return _for_reader(cached[2])
         base = self.df
         flat = _flatten(base, max_level)
         self._flat_cache = (version, max_level, flat)
-        return flat.copy(deep=False)
+        return _for_reader(flat)
 
     def tail(self, n: int = 10) -> pd.DataFrame:
         """The last ``n`` rows, built without materialising the whole frame."""
@@ -382,7 +395,8 @@ class EventFrame:
             n = min(n, size)
             start = self._dropped + size - n
             if self._max_rows is None:
-                snapshot = [column[size - n :] for column in self._columns]  # type: ignore[index]
+                lists = cast("tuple[list[Any], ...]", self._columns)
+                snapshot = [column[size - n :] for column in lists]
             else:
                 snapshot = [list(islice(reversed(column), n))[::-1] for column in self._columns]
         return _build(snapshot, start)
@@ -415,7 +429,7 @@ class EventFrame:
             result = frame[names[0]].value_counts(dropna=False)
         else:
             result = frame.value_counts(subset=names, dropna=False)
-        return result.sort_values(ascending=False, kind="stable")
+        return result.sort_values(ascending=False, kind="stable").astype("int64")
 
     def rate(
         self,
@@ -525,6 +539,10 @@ def _arrow() -> Any:
     return pyarrow
 
 
+# The converters below take private lists: C code (pyarrow) may hold a pointer into a list's
+# storage while it works, so it must never read a buffer another thread appends to.
+
+
 def _string_array(values: list[Any]) -> Any:
     import pandas as pd
 
@@ -553,24 +571,19 @@ def _int_array(name: str, values: list[Any]) -> Any:
     import pandas as pd
     from pandas.api.types import infer_dtype
 
-    kind = infer_dtype(values, skipna=True)
+    objects = _object_array(values)
+    kind = infer_dtype(objects, skipna=True)
     if kind in ("integer", "empty"):
+        mask = pd.isna(objects)
         try:
-            if None not in values:
-                integers = np.array(values, dtype=np.int64)
-                mask = np.zeros(len(values), dtype=bool)
-            else:
-                objects = _object_array(values)
-                mask = pd.isna(objects)
-                objects[mask] = 0
-                integers = objects.astype(np.int64)
+            integers = np.where(mask, 0, objects).astype(np.int64)
         except (OverflowError, TypeError, ValueError):
-            logger.debug("%s has integers beyond int64 or NaN, kept as object", name)
+            logger.debug("%s has integers beyond int64, kept as object", name)
         else:
             return pd.arrays.IntegerArray(integers, mask)
     else:
         logger.debug("%s holds %s values, kept as object", name, kind)
-    return pd.array(_object_array(values), dtype=object)
+    return pd.array(objects, dtype=object)
 
 
 def _object_array(values: list[Any]) -> Any:
@@ -603,8 +616,9 @@ def _utc(microseconds: Any) -> Any:
     return pd.DatetimeIndex(microseconds.view("M8[us]")).tz_localize("UTC").array
 
 
-def _build(columns: list[list[Any]], start: int) -> pd.DataFrame:
-    """Turn buffered column lists into the typed DataFrame described in the module docstring."""
+def _build(columns: Sequence[list[Any]], start: int) -> pd.DataFrame:
+    """Turn private copies of the column buffers into the typed DataFrame described in the
+    module docstring, its index starting at ``start``."""
     import numpy as np
     import pandas as pd
 
@@ -635,6 +649,15 @@ def _build(columns: list[list[Any]], start: int) -> pd.DataFrame:
     }
     index = pd.RangeIndex(start, start + size)
     return pd.DataFrame(data, index=index, columns=list(COLUMNS), copy=False)
+
+
+def _for_reader(frame: pd.DataFrame) -> pd.DataFrame:
+    """A copy of the cached frame that the reader may change without changing the cache."""
+    import pandas as pd
+
+    if _text_dtype() is not None or pd.get_option("mode.copy_on_write") is True:
+        return frame.copy(deep=False)  # copy-on-write: shares memory until someone writes
+    return frame.copy()
 
 
 def _flatten(base: pd.DataFrame, max_level: int | None) -> pd.DataFrame:
@@ -668,6 +691,10 @@ def _latency_summary(values: pd.Series, points: Sequence[float]) -> pd.Series:
 # -- export and import ----------------------------------------------------------------------
 
 
+def _objects(values: list[Any]) -> Any:
+    return _object_array(values)
+
+
 def _to_json(value: Any) -> str | None:
     if value is None:
         return None
@@ -681,17 +708,20 @@ def _from_json(value: Any) -> Any:
 def _for_export(frame: pd.DataFrame) -> pd.DataFrame:
     """A copy a file format can hold: ``data``, and ids that are not all integers, as JSON."""
     out = frame.copy(deep=False)
-    out["data"] = _object_array([_to_json(value) for value in frame["data"].tolist()])
+    out["data"] = _objects([_to_json(value) for value in frame["data"].tolist()])
     for name in _ID_COLUMNS:
         if out[name].dtype == object:
-            out[name] = _object_array([_to_json(value) for value in out[name].tolist()])
+            out[name] = _objects([_to_json(value) for value in out[name].tolist()])
     return out
 
 
 def _from_export(frame: pd.DataFrame, *, ids_as_json: bool) -> pd.DataFrame:
     import pandas as pd
 
-    frame["data"] = _object_array([_from_json(value) for value in frame["data"].tolist()])
+    frame["data"] = _objects([_from_json(value) for value in frame["data"].tolist()])
+    for name in _TEXT_COLUMNS:
+        values = [value if isinstance(value, str) else None for value in frame[name].tolist()]
+        frame[name] = _string_array(values)
     for name in _TIME_COLUMNS:
         if not isinstance(frame[name].dtype, pd.DatetimeTZDtype):
             frame[name] = pd.to_datetime(frame[name], format="ISO8601", utc=True)
@@ -723,9 +753,7 @@ def read_csv(path: str | PathLike[str]) -> pd.DataFrame:
     """
     import pandas as pd
 
-    text = "str" if int(pd.__version__.split(".")[0]) >= 3 else object
-    dtypes: dict[str, Any] = {name: text for name in ("type", "event_id", "epoch", "client_id")}
-    dtypes.update({name: object for name in (*_ID_COLUMNS, "data")})
+    dtypes: dict[str, Any] = {name: object for name in (*_TEXT_COLUMNS, *_ID_COLUMNS, "data")}
     dtypes["latency_ms"] = "float64"
     frame = pd.read_csv(path, index_col=0, dtype=dtypes, keep_default_na=False, na_values=[""])
     frame.index.name = None

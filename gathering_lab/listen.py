@@ -22,17 +22,26 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from collections.abc import AsyncGenerator
 from datetime import datetime
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from websockets.exceptions import ConnectionClosed
 
 from . import protocol
-from .demo import DEFAULT_URL, closed_message, open_connection, positive_int, ws_url
+from .demo import (
+    DEFAULT_URL,
+    TOKEN_ENV,
+    add_token_argument,
+    closed_message,
+    open_connection,
+    positive_int,
+    ws_url,
+)
 from .exceptions import ConnectionFailed, ProtocolError
 
 __all__ = [
@@ -131,6 +140,7 @@ async def listen_messages(
     *,
     filters: protocol.Filters = _ALL,
     client_id: str | None = None,
+    token: str | None = None,
 ) -> AsyncGenerator[tuple[MessageKind, dict[str, Any]], None]:
     """Connect to ``url`` and yield ``(kind, message)`` for every message the server sends.
 
@@ -142,9 +152,10 @@ async def listen_messages(
     so the connection closes when you stop early.
 
     Raises ConnectionFailed if the server cannot be reached, is not a WebSocket
-    server, or closes the connection.
+    server, or closes the connection. ``token`` is a JWT for servers with
+    authentication (sent as a Bearer header).
     """
-    async with open_connection(url, client_id=client_id) as ws:
+    async with open_connection(url, client_id=client_id, token=token) as ws:
         subscribe_pending = False
         try:
             async for raw in ws:
@@ -155,11 +166,11 @@ async def listen_messages(
                     continue
                 kind = message["type"]
                 if kind == "connection.established":
-                    yield "connected", message
                     if filters != _ALL:
                         subscribe = {"type": "subscribe", "data": filters.to_dict()}
                         await ws.send(protocol.encode(subscribe), text=True)
                         subscribe_pending = True
+                    yield "connected", message
                 elif kind == "subscribed":
                     subscribe_pending = False
                     yield "subscribed", message
@@ -190,9 +201,10 @@ def _pattern(text: str) -> str:
 
 
 def _scope_id(text: str) -> int | str:
+    text = text.strip()
     if not text or len(text) > 128:
         raise argparse.ArgumentTypeError(f"invalid id {text!r}: expected 1-128 characters")
-    return int(text) if text.isdigit() else text
+    return int(text) if re.fullmatch(r"-?\d+", text) else text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -213,8 +225,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--client-id",
         default=None,
-        help="client id to connect as (default: the URL's client_id, else listen-PID)",
+        help="client id (default: the URL's client_id, the token's subject, else listen-PID)",
     )
+    add_token_argument(parser)
     parser.add_argument(
         "--json", action="store_true", help="print each message as one JSON line (for jq)"
     )
@@ -242,12 +255,13 @@ async def run_cli(args: argparse.Namespace) -> int:
     filters = protocol.Filters(tuple(args.types or ("*",)), args.circle, args.project)
     if "*" in filters.event_types:
         filters = protocol.Filters(("*",), args.circle, args.project)
+    token = args.token or os.environ.get(TOKEN_ENV)
     client_id = args.client_id
-    if client_id is None and "client_id" not in dict(parse_qsl(urlsplit(args.url).query)):
-        client_id = f"listen-{os.getpid()}"
+    if client_id is None and not token and "client_id" not in parse_qs(urlsplit(args.url).query):
+        client_id = f"listen-{os.getpid()}"  # with a token, the server names us after its sub
     width = _width()
     seen = 0
-    feed = listen_messages(args.url, filters=filters, client_id=client_id)
+    feed = listen_messages(args.url, filters=filters, client_id=client_id, token=token)
     try:
         async with contextlib.aclosing(feed):
             async for kind, message in feed:

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from gathering_lab.events import Event, EventBus
+from gathering_lab.events import Event
 from gathering_lab.testing import capture_events, running_server, timeout
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -49,7 +49,7 @@ ROWS = "[data-testid=event-row]"
 def _chromium() -> str | None:
     explicit = os.environ.get("GATHERING_LAB_CHROMIUM")
     if explicit:
-        return explicit
+        return explicit if os.access(explicit, os.X_OK) else None
     for candidate in ("chromium", "chromium-browser"):
         found = shutil.which(candidate)
         if found:
@@ -95,7 +95,7 @@ async def page(browser: Any) -> AsyncIterator[Any]:
     context.set_default_timeout(ms(10))
     page = await context.new_page()
     errors: list[Any] = []
-    page.on("pageerror", errors.append)
+    page.on("pageerror", lambda error: errors.append(error))
     yield page
     await context.close()
     assert not errors, f"uncaught errors in the page: {errors}"
@@ -203,11 +203,11 @@ async def test_filters_are_applied_by_the_server(page: Any) -> None:
     from playwright.async_api import expect
 
     frames: list[str] = []
-    page.on("websocket", lambda ws: ws.on("framereceived", frames.append))
+    page.on("websocket", lambda ws: ws.on("framereceived", lambda f: frames.append(f)))
     async with running_server() as server:
         await open_dashboard(page, server, "client_id=filtered")
-        await page.get_by_label("Event types").fill("task.*")
-        await page.get_by_label("Circle id", exact=True).first.fill("1")
+        await page.get_by_label("Event types", exact=True).fill("task.*")
+        await page.locator("#filter-circle").fill("1")
         await page.get_by_role("button", name="Apply").click()
         await expect(page.get_by_test_id("active-filters")).to_have_text(
             "Server filter: task.* · circle 1 · any project"
@@ -273,7 +273,7 @@ async def test_reconnects_after_a_server_restart_and_says_so(page: Any) -> None:
         await wait_rows(page, 1)
     # The first server is gone: its clients got 1001 and the page starts backing off.
     await expect(status).to_have_text(re.compile(r"Reconnecting in \d+ s"))
-    async with running_server(port=port, bus=EventBus()) as second:
+    async with running_server(port=port) as second:
         await second.bus.publish(Event(type="agent.started", data={"life": 2}))
         await expect(status).to_have_text("Connected as survivor", timeout=ms(15))
         await expect(page.get_by_test_id("notice")).to_contain_text("The server restarted")
@@ -343,7 +343,7 @@ async def test_the_publish_form_validates_and_publishes(page: Any) -> None:
     async with running_server() as server:
         await open_dashboard(page, server, "client_id=publisher")
         with capture_events(server.bus) as captured:
-            await page.get_by_label("Event type").fill("deploy.finished")
+            await page.get_by_label("Event type", exact=True).fill("deploy.finished")
             await page.get_by_label("Data (JSON object)").fill('{"version": "1.2",}')
             await expect(page.get_by_test_id("publish-error")).to_contain_text(
                 "data is not valid JSON"
@@ -353,13 +353,13 @@ async def test_the_publish_form_validates_and_publishes(page: Any) -> None:
             await expect(page.get_by_test_id("publish-error")).to_contain_text(
                 "data must be a JSON object"
             )
-            await page.get_by_label("Event type").fill("Deploy Finished")
+            await page.get_by_label("Event type", exact=True).fill("Deploy Finished")
             await expect(page.get_by_test_id("publish-error")).to_contain_text(
                 "must be dotted lowercase words"
             )
             assert captured == []
 
-            await page.get_by_label("Event type").fill("deploy.finished")
+            await page.get_by_label("Event type", exact=True).fill("deploy.finished")
             await page.get_by_label("Data (JSON object)").fill('{"version": "1.2", "ok": true}')
             await expect(page.get_by_test_id("publish-error")).to_be_empty()
             await page.get_by_label("Agent id").fill("7")
@@ -378,48 +378,74 @@ async def test_the_publish_form_validates_and_publishes(page: Any) -> None:
         assert (await rows(page))[0]["type"] == "deploy.finished"
 
 
-DEMO_EVENTS = [
-    Event(type="circle.created", data={"circle_id": 1, "name": "docs-team"}, circle_id=1),
-    Event(
-        type="agent.started",
-        data={"agent_id": 1, "name": "Alice", "competencies": ["python", "react"]},
-        source_agent_id=1,
-        circle_id=1,
-    ),
-    Event(type="circle.member.added", data={"agent_id": 2, "name": "Bob"}, circle_id=1),
-    Event(
-        type="task.created",
-        data={"task_id": 42, "title": "Write the deployment guide", "priority": "high"},
-        circle_id=1,
-        project_id=3,
-    ),
-    Event(type="task.assigned", data={"task_id": 42, "agent_id": 1}, source_agent_id=1),
-    Event(
-        type="conversation.message",
-        data={"from": "Alice", "to": "Bob", "text": "Can you review the nginx part?"},
-        source_agent_id=1,
-        circle_id=1,
-    ),
-    Event(
-        type="memory.shared",
-        data={"memory_id": 9, "key": "nginx.timeouts", "with": [2]},
-        source_agent_id=1,
-    ),
-    Event(
-        type="task.failed",
-        data={"task_id": 43, "error": "TimeoutError: review took longer than 300 s"},
-        source_agent_id=2,
-        circle_id=1,
-        project_id=3,
-    ),
-    Event(
-        type="task.completed",
-        data={"task_id": 42, "result": "docs/deploy.md", "duration_s": 812.4},
-        source_agent_id=1,
-        circle_id=1,
-        project_id=3,
-    ),
-]
+async def test_the_dashboard_authenticates_with_a_token(page: Any) -> None:
+    from playwright.async_api import expect
+
+    auth = pytest.importorskip("gathering_lab.auth", reason="server-side auth is not in this tree")
+    secret = "dashboard-test-secret-of-32-bytes!"
+    status = page.get_by_test_id("status")
+    async with running_server(auth=auth.JWTAuth(secret, timeout=timeout(0.5))) as server:
+        await page.goto(f"{server.http_url}/dashboard?client_id=dash&autoconnect=0")
+        await page.get_by_role("button", name="Connect", exact=True).click()
+        # No token, no auth frame: refused with 1008, and not retried.
+        await expect(status).to_have_text("Disconnected: 1008 authentication timeout")
+        assert server.manager.total_connections == 0
+
+        token = auth.mint_token(secret, "dash", roles=["subscribe", "publish", "admin"])
+        await page.get_by_label("Token").fill(token)
+        await page.get_by_role("button", name="Connect", exact=True).click()
+        await expect(status).to_have_text("Connected as dash")
+        assert token not in page.url
+        # The stats need the admin role: the page sends the token as a Bearer header.
+        await expect(page.locator("#stat-clients tr[data-client-id='dash']")).to_have_count(1)
+        await server.bus.publish(Event(type="task.created", data={"authenticated": True}))
+        await wait_rows(page, 1)
+
+
+def demo_events() -> list[Event]:
+    """What a small team of agents says while working (made now, so timestamps are now)."""
+    return [
+        Event(type="circle.created", data={"circle_id": 1, "name": "docs-team"}, circle_id=1),
+        Event(
+            type="agent.started",
+            data={"agent_id": 1, "name": "Alice", "competencies": ["python", "react"]},
+            source_agent_id=1,
+            circle_id=1,
+        ),
+        Event(type="circle.member.added", data={"agent_id": 2, "name": "Bob"}, circle_id=1),
+        Event(
+            type="task.created",
+            data={"task_id": 42, "title": "Write the deployment guide", "priority": "high"},
+            circle_id=1,
+            project_id=3,
+        ),
+        Event(type="task.assigned", data={"task_id": 42, "agent_id": 1}, source_agent_id=1),
+        Event(
+            type="conversation.message",
+            data={"from": "Alice", "to": "Bob", "text": "Can you review the nginx part?"},
+            source_agent_id=1,
+            circle_id=1,
+        ),
+        Event(
+            type="memory.shared",
+            data={"memory_id": 9, "key": "nginx.timeouts", "with": [2]},
+            source_agent_id=1,
+        ),
+        Event(
+            type="task.failed",
+            data={"task_id": 43, "error": "TimeoutError: review took longer than 300 s"},
+            source_agent_id=2,
+            circle_id=1,
+            project_id=3,
+        ),
+        Event(
+            type="task.completed",
+            data={"task_id": 42, "result": "docs/deploy.md", "duration_s": 812.4},
+            source_agent_id=1,
+            circle_id=1,
+            project_id=3,
+        ),
+    ]
 
 
 async def test_screenshot_with_demo_events(page: Any, tmp_path: Path) -> None:
@@ -427,17 +453,229 @@ async def test_screenshot_with_demo_events(page: Any, tmp_path: Path) -> None:
 
     async with running_server() as server:
         await open_dashboard(page, server, "client_id=dashboard-demo")
-        for event in DEMO_EVENTS:
+        events = demo_events()
+        for event in events:
             await server.bus.publish(event)
-        await wait_rows(page, len(DEMO_EVENTS))
+        await wait_rows(page, len(events))
         await expect(page.locator("[data-testid=toast]")).to_have_count(1)
-        await page.wait_for_function(
-            "document.getElementById('stats-note').textContent.startsWith('Updated')"
-        )
+        # The stats panel catches up with the server (it polls every 2 s).
+        await expect(page.locator("#stat-broadcasts")).to_have_text(str(len(events)))
+        cells = page.locator("#stat-clients tr[data-client-id='dashboard-demo'] td")
+        await expect(cells).to_have_text(["dashboard-demo", str(len(events) + 1), "0"])
         target = tmp_path / "dashboard.png"
-        await page.screenshot(path=str(target))
+        await page.screenshot(path=str(target), full_page=True)
         assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert target.stat().st_size > 20_000  # a rendered page, not a blank one
         if os.environ.get("UPDATE_SCREENSHOTS"):
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(target, SCREENSHOT)
+
+
+# gathering-ws.js on its own, against a scripted fake WebSocket (deterministic, no server)
+
+FAKE_SOCKET = """
+const m = await import('/static/gathering-ws.js');
+class FakeWS {
+  static all = [];
+  constructor(url) { this.url = url; this.readyState = 0; this.sent = []; FakeWS.all.push(this); }
+  send(data) { this.sent.push(JSON.parse(data)); }
+  close(code, reason) { this.readyState = 3; this.closedWith = [code, reason]; }
+  open() { this.readyState = 1; this.onopen?.({}); }
+  receive(message) { this.onmessage?.({data: JSON.stringify(message)}); }
+  drop(code = 1006, reason = '') {
+    this.readyState = 3;
+    this.onclose?.({code, reason, wasClean: false});
+  }
+}
+const until = async (condition, ms = 5000) => {
+  const end = Date.now() + ms;
+  while (!condition()) {
+    if (Date.now() > end) throw new Error('timed out: ' + condition);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+};
+const hello = (epoch, seq, id = 'c1') =>
+  ({type: 'connection.established', data: {client_id: id, epoch, seq}});
+const ev = (seq, epoch = 'e1', type = 'task.created') =>
+  ({type, data: {seq}, seq, epoch, event_id: 'evt_' + seq});
+"""
+
+
+async def run_js(page: Any, body: str) -> Any:
+    """Run ``body`` (an async function body that may use FAKE_SOCKET's helpers) in the page."""
+    return await page.evaluate(f"async () => {{ {FAKE_SOCKET}\n{body} }}")
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def module_page(page: Any) -> AsyncIterator[Any]:
+    """A page on a live server (to import /static/gathering-ws.js) that does not connect."""
+    async with running_server() as server:
+        await page.goto(f"{server.http_url}/dashboard?autoconnect=0&stats_ms=0")
+        yield page
+
+
+async def test_client_backoff_follows_the_guide(module_page: Any) -> None:
+    delays = await run_js(module_page, "return [1, 2, 3, 4, 5, 6].map((r) => m.backoffDelay(r));")
+    assert delays == [2000, 4000, 8000, 16000, 30000, 30000]
+
+
+async def test_client_sends_auth_first_then_filters_then_resume(module_page: Any) -> None:
+    result = await run_js(
+        module_page,
+        """
+        const statuses = [];
+        const s = new m.GatheringSocket({url: 'ws://h/ws/dashboard', clientId: 'me',
+          token: async () => 'sekret', WebSocket: FakeWS, baseDelayMs: 5,
+          filters: {event_types: ['task.*']}, onStatus: (x) => statuses.push(x.status)});
+        await until(() => FakeWS.all.length === 1);
+        const first = FakeWS.all[0];
+        first.open();
+        first.receive(hello('e1', 3));
+        first.receive({type: 'error', data: {code: 'invalid_message', message: 'auth off'}});
+        first.receive({type: 'subscribed', data: {}});
+        first.drop(1001, 'going away');
+        await until(() => FakeWS.all.length === 2);
+        const second = FakeWS.all[1];
+        second.open();
+        second.receive(hello('e1', 5));
+        s.close();
+        return {url: first.url, sent1: first.sent.map((x) => x.type),
+                token: first.sent[0].data.token, sent2: second.sent, statuses,
+                retries: s.retries};
+        """,
+    )
+    assert result["url"] == "ws://h/ws/dashboard?client_id=me"
+    assert result["sent1"] == ["auth", "subscribe"]
+    assert result["token"] == "sekret"
+    assert [m["type"] for m in result["sent2"]] == ["auth", "subscribe", "resume"]
+    assert result["sent2"][2]["data"] == {"since_seq": 3, "epoch": "e1"}
+    assert result["statuses"] == [
+        "connecting",
+        "connected",
+        "reconnecting",
+        "connecting",
+        "connected",
+        "disconnected",
+    ]
+    assert result["retries"] == 0  # reset once connected
+
+
+async def test_client_merges_replay_and_live_events_in_order(module_page: Any) -> None:
+    result = await run_js(
+        module_page,
+        """
+        const got = [], acks = [];
+        const s = new m.GatheringSocket({url: 'ws://h/ws/dashboard', WebSocket: FakeWS,
+          baseDelayMs: 5, onEvent: (e) => got.push(e.seq), onResumed: (a) => acks.push(a)});
+        await until(() => FakeWS.all.length === 1);
+        const a = FakeWS.all[0];
+        a.open(); a.receive(hello('e1', 9)); a.receive(ev(10)); a.receive(ev(10));
+        a.drop();
+        await until(() => FakeWS.all.length === 2);
+        const b = FakeWS.all[1];
+        b.open(); b.receive(hello('e1', 13));
+        // Live events published after we joined come first, then the replay, then the ack.
+        b.receive(ev(14)); b.receive(ev(11)); b.receive(ev(12)); b.receive(ev(13));
+        b.receive({type: 'resumed', data: {count: 3, gap: false, seq: 13, epoch: 'e1'}});
+        b.receive(ev(14)); b.receive(ev(15));
+        s.close();
+        return {got, acks: acks.length, resume: b.sent.find((x) => x.type === 'resume').data};
+        """,
+    )
+    assert result["resume"] == {"since_seq": 10, "epoch": "e1"}
+    assert result["got"] == [10, 11, 12, 13, 14, 15]  # once each, in seq order
+    assert result["acks"] == 1
+
+
+async def test_client_reports_a_restart_and_resumes_from_zero(module_page: Any) -> None:
+    result = await run_js(
+        module_page,
+        """
+        const restarts = [], got = [];
+        const s = new m.GatheringSocket({url: 'ws://h/ws/dashboard', WebSocket: FakeWS,
+          baseDelayMs: 5, onRestart: (r) => restarts.push(r), onEvent: (e) => got.push(e.seq)});
+        await until(() => FakeWS.all.length === 1);
+        const a = FakeWS.all[0];
+        a.open(); a.receive(hello('old', 0)); a.receive(ev(1, 'old')); a.receive(ev(2, 'old'));
+        a.drop(1001);
+        await until(() => FakeWS.all.length === 2);
+        const b = FakeWS.all[1];
+        b.open(); b.receive(hello('new', 1));
+        b.receive(ev(1, 'new'));
+        b.receive({type: 'resumed', data: {count: 1, gap: false, seq: 1, epoch: 'new'}});
+        b.receive(ev(2, 'new'));
+        s.close();
+        const resume = b.sent.find((x) => x.type === 'resume').data;
+        return {restarts, got, resume, epoch: s.epoch};
+        """,
+    )
+    assert result["restarts"] == [{"previousEpoch": "old", "epoch": "new", "lastSeq": 2}]
+    assert result["resume"] == {"since_seq": 0, "epoch": "new"}
+    assert result["got"] == [1, 2, 1, 2]
+    assert result["epoch"] == "new"
+
+
+async def test_client_heartbeat_drops_a_dead_connection(module_page: Any) -> None:
+    result = await run_js(
+        module_page,
+        """
+        const closes = [];
+        const s = new m.GatheringSocket({url: 'ws://h/ws/dashboard', WebSocket: FakeWS,
+          heartbeatMs: 30, pongTimeoutMs: 30, baseDelayMs: 5, onClose: (c) => closes.push(c)});
+        await until(() => FakeWS.all.length === 1);
+        const a = FakeWS.all[0];
+        a.open(); a.receive(hello('e1', 0));
+        await until(() => a.sent.some((x) => x.type === 'ping'));
+        const ping = a.sent.find((x) => x.type === 'ping');
+        a.receive({type: 'pong', id: ping.id});  // answered: still alive
+        await until(() => FakeWS.all.length === 2);  // the next ping got no pong
+        s.close();
+        const pings = a.sent.filter((x) => x.type === 'ping').length;
+        return {closes, closedWith: a.closedWith, pings};
+        """,
+    )
+    assert result["closedWith"] == [4000, "heartbeat timeout"]
+    assert result["closes"][0]["code"] == 4000 and result["closes"][0]["willRetry"] is True
+    assert result["pings"] >= 2
+
+
+async def test_client_gives_up_and_never_retries_a_policy_close(module_page: Any) -> None:
+    result = await run_js(
+        module_page,
+        """
+        const last = (list) => list[list.length - 1];
+        const s1 = [];
+        const a = new m.GatheringSocket({url: 'ws://h/ws/dashboard', WebSocket: FakeWS,
+          maxRetries: 2, baseDelayMs: 1, onStatus: (x) => s1.push(x)});
+        await until(() => FakeWS.all.length === 1); FakeWS.all[0].drop();
+        await until(() => FakeWS.all.length === 2); FakeWS.all[1].drop();
+        await until(() => FakeWS.all.length === 3); FakeWS.all[2].drop();
+        await until(() => a.status === 'disconnected');
+        const s2 = [];
+        const b = new m.GatheringSocket({url: 'ws://h/ws/dashboard', WebSocket: FakeWS,
+          baseDelayMs: 1, onStatus: (x) => s2.push(x)});
+        await until(() => FakeWS.all.length === 4);
+        FakeWS.all[3].open(); FakeWS.all[3].drop(1008, 'Unauthorized origin');
+        await new Promise((r) => setTimeout(r, 50));
+        const c = new m.GatheringSocket({url: 'ws://h/ws/dashboard', WebSocket: FakeWS});
+        await until(() => FakeWS.all.length === 5);
+        FakeWS.all[4].open(); FakeWS.all[4].receive(hello('e1', 0));
+        c.close();
+        await new Promise((r) => setTimeout(r, 50));
+        let rejected = null;
+        try { await c.publish({type: 'task.created'}); } catch (e) { rejected = e.code; }
+        let invalid = null;
+        try { await c.publish({type: 'Not A Type'}); } catch (e) { invalid = e.code; }
+        return {gaveUp: last(s1).gaveUp, delays: s1.filter((x) => x.delayMs).map((x) => x.delayMs),
+                policy: last(s2), sockets: FakeWS.all.length, rejected, invalid,
+                closed: FakeWS.all[4].closedWith};
+        """,
+    )
+    assert result["gaveUp"] is True
+    assert result["delays"] == [2, 4]  # min(base * 2^retries, cap), retries counted from 1
+    assert result["policy"]["status"] == "disconnected"
+    assert (result["policy"]["code"], result["policy"]["reason"]) == (1008, "Unauthorized origin")
+    assert result["sockets"] == 5  # a: 1 + 2 retries; b: 1, never retried; c: 1
+    assert result["closed"] == [1000, "client closed"]
+    assert result["rejected"] == "not_connected"
+    assert result["invalid"] == "invalid_event_type"

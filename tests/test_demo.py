@@ -21,7 +21,15 @@ from gathering_lab.demo import (
 )
 from gathering_lab.events import EventBus, EventType
 from gathering_lab.exceptions import ConnectionFailed
-from gathering_lab.testing import capture_events, free_port, recv_json, recv_until, timeout, wait_for
+from gathering_lab.testing import (
+    capture_events,
+    free_port,
+    recv_json,
+    recv_until,
+    running_server,
+    timeout,
+    wait_for,
+)
 from gathering_lab.websocket import Server
 
 #: The event families the guide's test script is expected to show.
@@ -322,3 +330,25 @@ async def test_publish_messages_round_trip_through_the_server(server: Server) ->
         replies = await recv_until(ws, lambda m: m["type"] == "published")
     assert replies[0]["type"] == payload["type"]  # our own event comes back first
     assert replies[-1]["data"]["seq"] == 1
+
+
+# Against a server with authentication
+
+
+async def test_run_demo_with_a_token() -> None:
+    auth = pytest.importorskip("gathering_lab.auth")
+    secret = "s" * 32
+    checker = auth.JWTAuth(secret, timeout=0.5)
+    async with running_server(auth=checker) as server:
+        token = auth.mint_token(secret, "demo-bot", "subscribe,publish")
+        result = await run_demo(server.url, count=5, rate=0, token=token)
+        assert (result.acked, result.errors) == (5, 0)
+        assert result.greeting["client_id"] == "demo-bot"  # the token names the client
+
+        reader = auth.mint_token(secret, "reader", "subscribe")
+        refused = await run_demo(server.url, count=3, rate=0, token=reader)
+        assert (refused.acked, refused.errors) == (0, 3)
+        assert refused.last_error is not None and refused.last_error.startswith("forbidden")
+
+        with pytest.raises(ConnectionFailed, match=r"code 1008 .*--token or \$GATHERING_LAB_TOKEN"):
+            await run_demo(server.url, count=1)

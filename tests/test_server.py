@@ -250,6 +250,27 @@ async def test_loopback_origins_are_allowed(server: Server, origin: str) -> None
         pass
 
 
+@pytest.mark.parametrize(
+    ("headers", "accepted"),
+    [
+        # The dashboard this server served, reached by a public name (e.g. via a proxy).
+        ("Host: lab.example.com\r\nOrigin: https://lab.example.com\r\n", True),
+        ("Host: lab.example.com\r\nOrigin: https://evil.example.com\r\n", False),
+    ],
+)
+async def test_same_origin_pages_are_allowed(server: Server, headers: str, accepted: bool) -> None:
+    reader, writer = await raw_handshake(server, headers=headers)
+    first = await asyncio.wait_for(reader.read(2), timeout(5))
+    if accepted:
+        assert first == b"\x81\x7e"  # a text frame: connection.established
+    else:
+        assert first[0] == 0x88  # a close frame first, no data
+        rest = await asyncio.wait_for(reader.readexactly(first[1]), timeout(5))
+        assert rest[:2] == (1008).to_bytes(2, "big")
+        assert rest[2:] == b"Unauthorized origin"
+    writer.close()
+
+
 async def test_allowed_origins_extend_the_list(bus: EventBus) -> None:
     async with running_server(bus=bus, allowed_origins=["https://app.example.com"]) as server:
         async with await joined(server, origin="https://app.example.com"):  # type: ignore[arg-type]
@@ -322,7 +343,7 @@ async def test_invalid_utf8_closes_1007(server: Server, bus: EventBus) -> None:
 
 
 async def raw_handshake(
-    server: Server, client_id: str = "raw", rcvbuf: int | None = None
+    server: Server, client_id: str = "raw", rcvbuf: int | None = None, headers: str | None = None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     sock = socket.socket()
     if rcvbuf is not None:
@@ -333,7 +354,8 @@ async def raw_handshake(
     writer.write(
         (
             f"GET /ws/dashboard?client_id={client_id} HTTP/1.1\r\n"
-            f"Host: 127.0.0.1:{server.port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            + (headers if headers is not None else f"Host: 127.0.0.1:{server.port}\r\n")
+            + "Upgrade: websocket\r\nConnection: Upgrade\r\n"
             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         ).encode()
     )

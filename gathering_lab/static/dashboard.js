@@ -27,7 +27,8 @@ const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 const el = {
   status: $("status"), statusText: $("status-text"), notice: $("notice"), noticeText: $("notice-text"),
-  connectForm: $("connect-form"), url: $("url"), clientId: $("client-id"), disconnect: $("disconnect"),
+  connectForm: $("connect-form"), url: $("url"), clientId: $("client-id"), token: $("token"),
+  disconnect: $("disconnect"),
   filterForm: $("filter-form"), filterTypes: $("filter-types"), filterCircle: $("filter-circle"),
   filterProject: $("filter-project"), filterError: $("filter-error"), filterClear: $("filter-clear"),
   activeFilters: $("active-filters"),
@@ -42,6 +43,7 @@ const el = {
 };
 
 let client = null;
+let clientToken = null; // the token `client` was made with
 let received = 0;
 let paused = false;
 let queue = []; // rows waiting for the next animation frame, oldest first, at most maxRows
@@ -86,12 +88,12 @@ function formatTime(timestamp) {
   return Number.isNaN(moment.getTime()) ? String(timestamp ?? "") : timeFormat.format(moment);
 }
 
-function jsonText(value, limit = MAX_DATA_CHARS) {
+function jsonText(value, limit = MAX_DATA_CHARS, { oneLine = false } = {}) {
   let text;
   try {
     // One line when short ({ "a": 1, "b": 2 }), indented when long.
     text = JSON.stringify(value ?? {}, null, 1).replace(/\n\s*/g, " ");
-    if (text.length > 100) text = JSON.stringify(value, null, 2);
+    if (text.length > 100 && !oneLine) text = JSON.stringify(value, null, 2);
   } catch {
     text = String(value);
   }
@@ -197,7 +199,7 @@ function renderRow(row) {
       h("time", { className: "event-time", dateTime: message.timestamp ?? "", title: message.timestamp ?? "" },
         formatTime(message.timestamp)),
     ),
-    h("pre", { className: "event-data" }, jsonText(message.data)),
+    h("pre", { className: "event-data" }, jsonText(message.data, MAX_DATA_CHARS, { oneLine: system })),
   );
 }
 
@@ -214,7 +216,7 @@ function maybeToast(event) {
   const toast = h(
     "div",
     { className: "toast", dataset: { testid: "toast", type: event.type } },
-    h("div", {}, h("strong", {}, event.type), h("p", {}, jsonText(event.data, 160))),
+    h("div", {}, h("strong", {}, event.type), h("p", {}, jsonText(event.data, 160, { oneLine: true }))),
     close,
   );
   close.addEventListener("click", () => toast.remove());
@@ -344,6 +346,7 @@ function createClient() {
   const socket = new GatheringSocket({
     url: el.url.value.trim(),
     clientId: el.clientId.value.trim() || null,
+    token: el.token.value.trim() || null, // sent in the first frame, never in the URL
     maxRetries: Infinity, // a dashboard left open should come back by itself
     autoConnect: false,
     filters: readFiltersQuietly(),
@@ -393,13 +396,16 @@ function readFiltersQuietly() {
 function connect() {
   const url = el.url.value.trim();
   const clientId = el.clientId.value.trim() || null;
+  const token = el.token.value.trim() || null;
   try {
-    if (client && client.url === new URL(url).href && (!clientId || client.clientId === clientId)) {
+    const same = client && client.url === new URL(url).href && clientToken === token;
+    if (same && (!clientId || client.clientId === clientId)) {
       client.connect(); // same server and id: keeps seq/epoch, so missed events are replayed
       return;
     }
     client?.close();
     client = createClient();
+    clientToken = token;
     client.connect();
   } catch (error) {
     renderStatus({ status: Status.DISCONNECTED, reason: error.message });
@@ -452,12 +458,20 @@ function statsUrl() {
 }
 
 let statsBusy = false;
+let statsAgain = false; // asked again while a fetch was out: its answer may predate the change
 async function refreshStats() {
   const url = statsUrl();
-  if (!url || statsBusy) return;
+  if (!url) return;
+  if (statsBusy) {
+    statsAgain = true;
+    return;
+  }
   statsBusy = true;
+  statsAgain = false;
   try {
-    const response = await fetch(url, { cache: "no-store", signal: AbortSignal.timeout(5000) });
+    const token = el.token.value.trim();
+    const headers = token ? { Authorization: `Bearer ${token}` } : {}; // needs the admin role
+    const response = await fetch(url, { cache: "no-store", headers, signal: AbortSignal.timeout(5000) });
     if (!response.ok) throw new Error(`HTTP ${response.status}`);
     renderStats(await response.json());
     el.statsNote.textContent = `Updated ${timeFormat.format(new Date())}`;
@@ -465,6 +479,7 @@ async function refreshStats() {
     el.statsNote.textContent = `Stats unavailable (${error.message})`;
   } finally {
     statsBusy = false;
+    if (statsAgain) refreshStats();
   }
 }
 

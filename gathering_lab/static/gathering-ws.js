@@ -46,8 +46,8 @@ const CONTROL_TYPES = new Set([
   "resumed",
   "authenticated",
 ]);
-/** Close codes after which reconnecting cannot help: policy (bad origin, client id or token). */
-const NO_RETRY_CODES = new Set([1008]);
+/** Close code after which reconnecting cannot help: policy (bad origin, client id or token). */
+const POLICY_CLOSE = 1008;
 
 /** The dashboard URL of the server that served this page (ws: or wss: to match http: or https:). */
 export function defaultUrl(loc = globalThis.location) {
@@ -106,8 +106,9 @@ function normaliseFilters(filters) {
  * Options (all optional):
  *   url            ws:// or wss:// URL of /ws/dashboard (default: defaultUrl())
  *   clientId       sent as ?client_id=; default: the id the server assigns, kept across reconnects
- *   token          string, or a (possibly async) function returning one; sent as the first frame
- *                  {"type":"auth","data":{"token":...}} — never in the URL
+ *   token          string, or a (possibly async) function returning one, called before each
+ *                  connection; sent as the first frame {"type":"auth","data":{"token":...}},
+ *                  never in the URL. A 1008 close is final, except with a token function
  *   maxRetries     reconnect attempts before giving up (default 5, as in the guide; Infinity ok)
  *   baseDelayMs    backoff base (1000) and maxDelayMs cap (30000): delay = min(base * 2^retries, cap)
  *   heartbeatMs    application ping interval (30000; 0 disables); pongTimeoutMs (10000): no pong
@@ -248,7 +249,9 @@ export class GatheringSocket {
     ws.onopen = () => {
       if (token) this._request({ type: "auth", data: { token } }, "authenticated").catch((e) => this._emit("error", e));
     };
-    ws.onmessage = (frame) => this._onFrame(frame.data);
+    ws.onmessage = (frame) => {
+      if (this._ws === ws) this._onFrame(frame.data); // not from a socket we already dropped
+    };
     ws.onclose = (event) => {
       if (this._ws !== ws) return;
       this._onClose({ code: event.code, reason: event.reason, wasClean: event.wasClean });
@@ -270,11 +273,13 @@ export class GatheringSocket {
       ping.reject(error);
     }
     this._pings.clear();
-    const willRetry = !this._closedByUser && !NO_RETRY_CODES.has(code) && this.retries < this.maxRetries;
+    // A policy close is final, unless a token function may give a fresh token (expiry).
+    const final = code === POLICY_CLOSE && typeof this._token !== "function";
+    const willRetry = !this._closedByUser && !final && this.retries < this.maxRetries;
     this._emit("close", { code, reason, wasClean, willRetry });
     if (this._closedByUser) {
       this._setStatus(Status.DISCONNECTED, { code, reason });
-    } else if (NO_RETRY_CODES.has(code)) {
+    } else if (final) {
       this._closedByUser = true;
       this._setStatus(Status.DISCONNECTED, { code, reason, gaveUp: true });
     } else {
@@ -305,7 +310,11 @@ export class GatheringSocket {
     this._retryTimer = null;
     const ws = this._ws;
     if (ws) {
-      ws.close(code, reason);
+      try {
+        ws.close(code, reason);
+      } catch {
+        ws.close(); // browsers only send 1000 and 3000-4999
+      }
       // Report at once rather than when the close handshake ends.
       this._onClose({ code, reason, wasClean: true });
     } else if (this.status !== Status.DISCONNECTED) {
@@ -367,12 +376,15 @@ export class GatheringSocket {
     }
     if (canResume && since !== null) {
       this._resumeBuffer = [];
-      this._request({ type: "resume", data: { since_seq: since, epoch: this.epoch } }, "resumed")
-        .then((ack) => this._finishResume(since, ack))
-        .catch((error) => {
+      // Handled as the reply arrives (not in a promise callback), so no event slips in between.
+      this._request({ type: "resume", data: { since_seq: since, epoch: this.epoch } }, "resumed", {
+        onReply: (ack) => this._finishResume(since, ack),
+        onError: (error) => {
+          if (error.code === "closed") return; // the next connection resumes again
           this._flushResumeBuffer(since);
           this._emit("error", error);
-        });
+        },
+      }).catch(() => {});
     } else if (since === 0 && typeof data.seq === "number") {
       this.lastSeq = data.seq;
     }
@@ -422,6 +434,20 @@ export class GatheringSocket {
     request?.resolve(message.data ?? {});
   }
 
+  _track(type, resolve, reject, { onReply, onError } = {}) {
+    this._requests.push({
+      type,
+      resolve: (data) => {
+        onReply?.(data);
+        resolve(data);
+      },
+      reject: (error) => {
+        onError?.(error);
+        reject(error);
+      },
+    });
+  }
+
   // Outgoing messages
 
   _send(message) {
@@ -431,7 +457,7 @@ export class GatheringSocket {
     this._ws.send(JSON.stringify(message));
   }
 
-  _request(message, replyType) {
+  _request(message, replyType, handlers) {
     return new Promise((resolve, reject) => {
       try {
         this._send(message);
@@ -439,7 +465,7 @@ export class GatheringSocket {
         reject(error);
         return;
       }
-      this._requests.push({ type: replyType, resolve, reject });
+      this._track(replyType, resolve, reject, handlers);
     });
   }
 
@@ -489,6 +515,18 @@ export class GatheringSocket {
       { type: "publish", data: { type, data, source_agent_id, circle_id, project_id } },
       "published",
     );
+  }
+
+  /**
+   * Send a fresh token on the open connection (e.g. before the old one expires); it is also
+   * used for the next connections. Resolves with the server's `authenticated` ack.
+   */
+  authenticate(token) {
+    this._token = token;
+    if (typeof token !== "string" || !token) {
+      return Promise.reject(new GatheringError("invalid_message", "token must be a non-empty string"));
+    }
+    return this._request({ type: "auth", data: { token } }, "authenticated");
   }
 
   /** Send {"type":"ping"}; resolves with the round-trip time in milliseconds. */

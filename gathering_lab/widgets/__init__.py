@@ -1,0 +1,33 @@
+"""ipywidgets panels over a Lab or a LabClient, and :func:`workbench` that lays them out.
+
+::
+
+    import gathering_lab as gl
+    lab = gl.start()
+    wb = gl.workbench(lab)      # connect · notifications · publish | filter | stats · live log
+    wb.close()                  # stops its redraws
+
+Widgets are thin views: requests go through a :class:`Controller`, which hands them to
+the lab's event loop from whatever thread a widget callback runs on, and views are
+redrawn by one ticker at most 5 times a second.
+"""
+
+from __future__ import annotations
+
+from .controller import Controller
+from .live import DEFAULT_NOTIFY, LiveLog, Notifications
+from .panels import ConnectPanel, FilterPanel, PublishPanel, StatsPanel
+from .workbench import Workbench, workbench
+
+__all__ = [
+    "DEFAULT_NOTIFY",
+    "ConnectPanel",
+    "Controller",
+    "FilterPanel",
+    "LiveLog",
+    "Notifications",
+    "PublishPanel",
+    "StatsPanel",
+    "Workbench",
+    "workbench",
+]

@@ -1,0 +1,98 @@
+"""The workbench: every panel in one widget, sharing one controller."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ipywidgets as widgets
+from traitlets import dlink
+
+from ..client import LabClient
+from ..kernel import Lab
+from .controller import Controller
+from .live import DEFAULT_NOTIFY, LiveLog, Notifications
+from .panels import ConnectPanel, FilterPanel, PublishPanel, StatsPanel
+
+__all__ = ["Workbench", "workbench"]
+
+
+class Workbench(widgets.VBox):
+    """Connect · notifications · (publish | filter | server stats) · live log.
+
+    ``close()`` stops the redraws and closes every panel (the lab keeps running).
+    """
+
+    def __init__(
+        self,
+        source: Lab | LabClient | Controller | None = None,
+        *,
+        client_id: str = "workbench",
+        notify: list[str] | tuple[str, ...] = DEFAULT_NOTIFY,
+        rows: int = 20,
+        connect: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self._link: dlink | None = None
+        super().__init__(**kwargs)
+        self.controller = Controller.of(source)
+        controller = self.controller
+        self.connect_panel = ConnectPanel(controller, client_id=client_id)
+        self.notifications = Notifications(controller, types=notify)
+        self.publish_panel = PublishPanel(controller)
+        self.filter_panel = FilterPanel(controller)
+        self.stats_panel = StatsPanel(controller)
+        self.live_log = LiveLog(controller, rows=rows)
+        self._link = dlink((self.filter_panel, "filters"), (self.live_log, "filters"))
+        self.tabs = widgets.Tab(
+            children=[self.publish_panel, self.filter_panel, self.stats_panel],
+            titles=("Publish", "Filter", "Server stats"),
+        )
+        self.title = widgets.HTML("<h3 style='margin:4px 0'>GatheRing workbench</h3>")
+        self.live_title = widgets.HTML("<h4 style='margin:8px 0 2px'>Live events</h4>")
+        self.children = [
+            self.title,
+            self.connect_panel,
+            self.notifications,
+            self.tabs,
+            self.live_title,
+            self.live_log,
+        ]
+        if connect and controller.client is None and controller.lab is not None:
+            # Await-free: the connection is made on the lab's loop; the status label follows.
+            self.connect_panel._connect_clicked()
+
+    @property
+    def panels(self) -> list[widgets.Widget]:
+        """The panels, in display order."""
+        return [
+            self.connect_panel,
+            self.notifications,
+            self.publish_panel,
+            self.filter_panel,
+            self.stats_panel,
+            self.live_log,
+        ]
+
+    def close(self) -> None:
+        """Stop every redraw and close the panels (and the clients the workbench connected)."""
+        link = getattr(self, "_link", None)
+        if link is not None:  # fully built and not closed yet
+            self._link = None
+            link.unlink()
+            for panel in self.panels:
+                panel.close()
+            self.controller.close()
+            for part in (self.tabs, self.title, self.live_title):
+                part.close()
+        super().close()
+
+
+def workbench(lab_or_client: Lab | LabClient | None = None, **options: Any) -> Workbench:
+    """Every panel in one widget: connect, notifications, publish, filter, stats, live log.
+
+    With a :class:`~gathering_lab.kernel.Lab` (default: the one ``gl.start()`` returned)
+    it connects a client named ``workbench`` for you, on the lab's loop, without waiting.
+    With a :class:`~gathering_lab.client.LabClient` it shows and drives that client.
+    Options: ``client_id``, ``notify`` (type patterns), ``rows``, ``connect``.
+    """
+    return Workbench(lab_or_client, **options)
