@@ -213,6 +213,11 @@ class Lab:
         return f"[{host}]" if ":" in host else host
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the server runs on (the kernel's, or the lab's own thread's)."""
+        return self._loop
+
+    @property
     def running(self) -> bool:
         """True while serving (or about to)."""
         return self.status in ("starting", "running")
@@ -225,6 +230,12 @@ class Lab:
         client = LabClient(self.url, client_id, **options)
         await client.connect()
         self.clients.append(client)
+
+        def forget(status: str) -> None:
+            if status == "closed" and client in self.clients:
+                self.clients.remove(client)
+
+        client.on_status(forget)
         return client
 
     def publish(

@@ -88,11 +88,6 @@ def same_server(url: str, other: str) -> bool:
     return (a.scheme, a.netloc, a.path.rstrip("/")) == (b.scheme, b.netloc, b.path.rstrip("/"))
 
 
-def _lab_loop(lab: Lab) -> asyncio.AbstractEventLoop | None:
-    # Lab has no public accessor for the loop it runs on (see the report to kernel.py's owner).
-    return lab._loop
-
-
 def _client_loop(client: LabClient) -> asyncio.AbstractEventLoop | None:
     # Likewise LabClient: the loop of its receiving task, once connected.
     task = client._task
@@ -162,7 +157,7 @@ class Controller(HasTraits):
 
     @staticmethod
     def _find_loop(lab: Lab | None, client: LabClient | None) -> asyncio.AbstractEventLoop:
-        loop = _lab_loop(lab) if lab is not None else None
+        loop = lab.loop if lab is not None else None
         if loop is None and client is not None:
             loop = _client_loop(client)
         if loop is None:
