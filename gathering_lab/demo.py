@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import heapq
 import itertools
 import logging
@@ -813,9 +812,7 @@ class DemoResult:
 
 def publish_message(payload: Payload) -> bytes:
     """Return the text frame (UTF-8 JSON) of a ``publish`` message carrying ``payload``."""
-    protocol.check_event_type(payload["type"])
-    message = protocol.Publish(**payload)
-    return protocol.encode({"type": "publish", "data": dataclasses.asdict(message)})
+    return protocol.encode(protocol.Publish(**payload).to_message())
 
 
 class _Replies:

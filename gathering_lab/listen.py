@@ -167,7 +167,7 @@ async def listen_messages(
                 kind = message["type"]
                 if kind == "connection.established":
                     if filters != _ALL:
-                        subscribe = {"type": "subscribe", "data": filters.to_dict()}
+                        subscribe = protocol.Subscribe(filters).to_message()
                         await ws.send(protocol.encode(subscribe), text=True)
                         subscribe_pending = True
                     yield "connected", message

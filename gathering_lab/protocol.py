@@ -216,6 +216,10 @@ class Ping:
 
     id: Any = None
 
+    def to_message(self) -> dict[str, Any]:
+        """Return the message a client sends."""
+        return {"type": "ping"} if self.id is None else {"type": "ping", "id": self.id}
+
 
 @dataclass(frozen=True, slots=True)
 class Subscribe:
@@ -223,10 +227,18 @@ class Subscribe:
 
     filters: Filters = field(default_factory=Filters)
 
+    def to_message(self) -> dict[str, Any]:
+        """Return the message a client sends."""
+        return {"type": "subscribe", "data": self.filters.to_dict()}
+
 
 @dataclass(frozen=True, slots=True)
 class Unsubscribe:
     """``{"type": "unsubscribe"}``: receive everything again."""
+
+    def to_message(self) -> dict[str, Any]:
+        """Return the message a client sends."""
+        return {"type": "unsubscribe"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +251,19 @@ class Publish:
     circle_id: Any = None
     project_id: Any = None
 
+    def to_message(self) -> dict[str, Any]:
+        """Return the message a client sends (the type is checked first)."""
+        return {
+            "type": "publish",
+            "data": {
+                "type": check_event_type(self.type),
+                "data": self.data,
+                "source_agent_id": self.source_agent_id,
+                "circle_id": self.circle_id,
+                "project_id": self.project_id,
+            },
+        }
+
 
 @dataclass(frozen=True, slots=True)
 class Resume:
@@ -246,6 +271,10 @@ class Resume:
 
     since_seq: int
     epoch: str | None = None
+
+    def to_message(self) -> dict[str, Any]:
+        """Return the message a client sends."""
+        return {"type": "resume", "data": {"since_seq": self.since_seq, "epoch": self.epoch}}
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +285,10 @@ class Auth:
 
     def __repr__(self) -> str:  # never show a token
         return "Auth(token=<hidden>)"
+
+    def to_message(self) -> dict[str, Any]:
+        """Return the message a client sends."""
+        return {"type": "auth", "data": {"token": self.token}}
 
 
 ClientMessage = Ping | Subscribe | Unsubscribe | Publish | Resume | Auth

@@ -154,3 +154,25 @@ def test_unknown_type_message_names_the_type_and_is_bounded() -> None:
     with pytest.raises(ProtocolError) as info:
         protocol.parse_client_message(json.dumps({"type": "x" * 10000}))
     assert len(info.value.message) < 300
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        protocol.Ping(),
+        protocol.Ping("p1"),
+        protocol.Subscribe(protocol.Filters(("task.*",), 1, None)),
+        protocol.Unsubscribe(),
+        protocol.Publish("task.created", {"x": 1}, 2, 3, 4),
+        protocol.Resume(7, "e1"),
+        protocol.Auth("t0ken"),
+    ],
+)
+def test_client_messages_round_trip(message: protocol.ClientMessage) -> None:
+    assert protocol.parse_client_message(protocol.encode(message.to_message())) == message
+
+
+def test_building_a_publish_checks_its_type() -> None:
+    with pytest.raises(ProtocolError) as info:
+        protocol.Publish("Bad Type", {}).to_message()
+    assert info.value.code == "invalid_event_type"
