@@ -1,4 +1,4 @@
-"""The ``gathering-lab`` command: ``serve``, ``demo`` and ``listen``.
+"""The ``gathering-lab`` command: ``serve``, ``demo``, ``listen`` and ``token``.
 
 This is the only module that calls :func:`asyncio.run` and prints to the terminal.
 """
@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
+import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
 from .exceptions import GatheringLabError
@@ -45,6 +49,91 @@ def _size(text: str) -> int:
     if value < 1024:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}: at least 1k")
     return value
+
+
+def _seconds(text: str) -> float:
+    from .auth import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _scope_id(text: str) -> int | str:
+    text = text.strip()
+    if not text:
+        raise argparse.ArgumentTypeError("an id must not be empty")
+    return int(text) if re.fullmatch(r"-?\d+", text) else text
+
+
+def _add_auth_arguments(serve: argparse.ArgumentParser) -> None:
+    from .auth import DEFAULT_AUTH_TIMEOUT, SECRET_ENV
+
+    group = serve.add_argument_group(
+        "authentication",
+        "With a key, every WebSocket client needs a JWT (Authorization: Bearer, ?token=, "
+        'or a first {"type":"auth"} frame) and the stats need the admin role.',
+    )
+    keys = group.add_mutually_exclusive_group()
+    keys.add_argument(
+        "--jwt-secret",
+        metavar="SECRET",
+        help=f"HS256 shared secret, at least 32 bytes (default: ${SECRET_ENV}, "
+        "which keeps it out of the process list)",
+    )
+    keys.add_argument(
+        "--jwt-public-key", metavar="FILE", help="RS256: verify tokens with this PEM public key"
+    )
+    group.add_argument(
+        "--auth-timeout",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help=f"close clients that have not authenticated by then with 1008 "
+        f"(default: {DEFAULT_AUTH_TIMEOUT:g})",
+    )
+
+
+def _add_token_parser(commands: Any) -> None:
+    from .auth import SECRET_ENV
+
+    token = commands.add_parser(
+        "token",
+        help="mint a development JWT",
+        description=f"Print a signed JWT for a server started with --jwt-secret (the secret "
+        f"comes from --jwt-secret or ${SECRET_ENV}) or --jwt-public-key (sign with "
+        "--jwt-private-key). Prints the token only.",
+    )
+    token.add_argument("--sub", required=True, help="the client id the token names")
+    token.add_argument(
+        "--roles",
+        default="subscribe",
+        help="comma-separated roles among subscribe, publish, admin (default: subscribe)",
+    )
+    token.add_argument(
+        "--circle",
+        action="append",
+        type=_scope_id,
+        metavar="ID",
+        help="only events of this circle (repeatable; default: every circle)",
+    )
+    token.add_argument(
+        "--project",
+        action="append",
+        type=_scope_id,
+        metavar="ID",
+        help="only events of this project (repeatable; default: every project)",
+    )
+    token.add_argument(
+        "--ttl", type=_seconds, default=3600.0, help="lifetime: 3600, 90s, 15m, 1h, 7d (1h)"
+    )
+    keys = token.add_mutually_exclusive_group()
+    keys.add_argument(
+        "--jwt-secret", metavar="SECRET", help=f"HS256 secret (default: ${SECRET_ENV})"
+    )
+    keys.add_argument("--jwt-private-key", metavar="FILE", help="RS256: sign with this PEM key")
+    _add_log_level(token, default="warning")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -87,6 +176,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--certfile", help="TLS certificate (PEM) to serve wss://")
     serve.add_argument("--keyfile", help="TLS private key (PEM), with --certfile")
+    _add_auth_arguments(serve)
     _add_log_level(serve)
 
     from . import demo as demo_module
@@ -112,6 +202,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     for sub in (commands.choices["demo"], commands.choices["listen"]):
         _add_log_level(sub, default="warning")
+    _add_token_parser(commands)
     return parser
 
 
@@ -136,15 +227,20 @@ async def _serve(args: argparse.Namespace) -> int:
         except (OSError, ssl.SSLError) as exc:
             raise SystemExit(f"gathering-lab serve: cannot load TLS certificate: {exc}") from None
 
+    auth = _auth_from_args(args)
     server = await serve(
         args.host,
         args.port,
         allowed_origins=args.allowed_origin,
+        auth=auth,
         max_message_size=args.max_message_size,
         max_pending_bytes=args.max_pending,
         compression=None if args.compression == "off" else args.compression,
         ssl=ssl_context,
     )
+    # Everything loaded so far lives as long as the process: keep it out of the
+    # cyclic GC's way, so a full collection stays short (tail latency).
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -153,11 +249,70 @@ async def _serve(args: argparse.Namespace) -> int:
     print(f"  WebSocket  {server.url}", flush=True)
     print(f"  dashboard  {server.http_url}/dashboard", flush=True)
     print(f"  stats      {server.http_url}/admin/websocket/stats", flush=True)
+    print(f"  auth       {'off' if auth is None else auth.algorithm + ' tokens'}", flush=True)
     print("Press Ctrl+C to stop.", flush=True)
     await stop.wait()
     print("shutting down: closing clients with 1001", flush=True)
     server.close()
     await server.wait_closed()
+    return 0
+
+
+def _auth_from_args(args: argparse.Namespace) -> Any:
+    from .auth import DEFAULT_AUTH_TIMEOUT, SECRET_ENV, JWTAuth
+
+    timeout = DEFAULT_AUTH_TIMEOUT if args.auth_timeout is None else args.auth_timeout
+    secret = args.jwt_secret or (None if args.jwt_public_key else os.environ.get(SECRET_ENV))
+    try:
+        if args.jwt_public_key:
+            return JWTAuth.from_public_key_file(args.jwt_public_key, timeout=timeout)
+        if secret:
+            return JWTAuth(secret, timeout=timeout)
+    except (ValueError, TypeError) as exc:
+        raise SystemExit(f"gathering-lab serve: {exc}") from None
+    if args.auth_timeout is not None:
+        raise SystemExit(
+            "gathering-lab serve: --auth-timeout needs --jwt-secret or --jwt-public-key"
+        )
+    return None
+
+
+def _token(args: argparse.Namespace) -> int:
+    from .auth import SECRET_ENV, mint_token
+
+    secret = args.jwt_secret or (None if args.jwt_private_key else os.environ.get(SECRET_ENV))
+    private_key = None
+    if args.jwt_private_key:
+        try:
+            with open(args.jwt_private_key, "rb") as file:
+                private_key = file.read()
+        except OSError as exc:
+            print(
+                f"gathering-lab token: error: cannot read {args.jwt_private_key}: {exc.strerror}",
+                file=sys.stderr,
+            )
+            return 2
+    elif not secret:
+        print(
+            f"gathering-lab token: error: no key: pass --jwt-secret, set ${SECRET_ENV}, "
+            "or pass --jwt-private-key",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        token = mint_token(
+            secret,
+            args.sub,
+            args.roles,
+            circles=args.circle,
+            projects=args.project,
+            ttl=args.ttl,
+            private_key=private_key,
+        )
+    except (ValueError, TypeError) as exc:
+        print(f"gathering-lab token: error: {exc}", file=sys.stderr)
+        return 2
+    print(token)
     return 0
 
 
@@ -183,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .listen import run_cli as run_listen
 
             return asyncio.run(run_listen(args))
+        if args.command == "token":
+            return _token(args)
     except GatheringLabError as exc:
         print(f"gathering-lab {args.command}: error: {exc}", file=sys.stderr)
         return 1

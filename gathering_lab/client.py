@@ -39,6 +39,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from . import protocol
+from .auth import install_redaction
 from .events import EventType
 from .exceptions import ConnectionFailed, ProtocolError
 from .frame import EventFrame
@@ -46,6 +47,9 @@ from .frame import EventFrame
 __all__ = ["LabClient", "connect"]
 
 logger = logging.getLogger("gathering_lab.client")
+#: websockets logs the request (headers included) here at DEBUG: tokens are redacted.
+connection_logger = logging.getLogger("gathering_lab.client.connection")
+install_redaction(logger, connection_logger)
 
 #: Server messages that are not events.
 CONTROL_TYPES = frozenset(
@@ -400,6 +404,7 @@ class LabClient:
             ping_timeout=self.ping_timeout,
             max_size=None,
             compression=None,
+            logger=connection_logger,
         ) as ws:
             self._ws = ws
             try:
@@ -422,6 +427,8 @@ class LabClient:
     def _greeted(self, hello: dict[str, Any]) -> None:
         data = hello.get("data") or {}
         self.server_info = data
+        if self.token and data.get("client_id"):
+            self.client_id = data["client_id"]  # with a token, the server names us (its sub)
         self.client_id = self.client_id or data.get("client_id")
         if self.frame.client_id is None and self.client_id:
             self.frame.client_id = self.client_id
@@ -434,6 +441,10 @@ class LabClient:
             )
             logger.warning("server restarted (epoch %s -> %s)", self.epoch, epoch)
             self.last_seq = None
+        elif self.last_seq is None and isinstance(data.get("seq"), int):
+            # Everything after the server's seq comes live: a later resume starts there,
+            # even if no event arrived before the connection dropped.
+            self.last_seq = data["seq"]
         self.epoch = epoch
 
     async def _after_greeting(self, ws: ClientConnection) -> None:

@@ -7,8 +7,10 @@ frame once, joins the frames each group of clients wants into one buffer, and
 writes that same buffer to every client of the group: one ``transport.write``
 per client per flush, however many events the batch holds.
 
-Clients are grouped by their filters, so a publish tests each distinct filter
-once rather than each client.
+Clients are grouped by their filters and their token's scope (the circles and
+projects it may see, :class:`~gathering_lab.auth.Scope`), so a publish tests each
+distinct (filters, scope) pair once rather than each client, and a scope is
+enforced on the same per-group pass that applies the filters.
 
 Every client's pending outgoing bytes are capped (``max_pending_bytes``). A
 client over the cap is a slow consumer: it is sent close code 4008 and its
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from websockets.protocol import State
 
 from .. import protocol
+from ..auth import EVERYTHING, Scope
 from ..events import Event
 from ..protocol import Filters
 
@@ -48,6 +51,7 @@ DEFAULT_MAX_PENDING_BYTES = 4 * 2**20
 SLOW_CONSUMER_CLOSE_CODE = 4008
 SLOW_CONSUMER_ABORT_AFTER = 1.0
 ALL = Filters()
+GroupKey = tuple[Filters, Scope]
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -95,6 +99,8 @@ class Session:
         "closing",
         "remote",
         "joined_seq",
+        "scope",
+        "identity",
     )
 
     def __init__(self, connection: ServerConnection, client_id: str) -> None:
@@ -107,6 +113,8 @@ class Session:
         self.messages_sent = 0
         self.messages_received = 0
         self.filters = ALL
+        self.scope: Scope = EVERYTHING
+        self.identity: Any = None  # an auth.Identity when the server checks tokens
         self.closing = False
         self.joined_seq = 0
         remote = connection.remote_address
@@ -131,6 +139,7 @@ class Session:
             "pending_bytes": self.pending_bytes,
             "remote": self.remote,
             "compression": not self.raw,
+            "scope": self.scope.to_dict(),
         }
 
     def __repr__(self) -> str:
@@ -152,7 +161,7 @@ class ConnectionManager:
         self.flush_bytes = flush_bytes
         self.max_message_size: int | None = None
         self._sessions: dict[int, Session] = {}
-        self._groups: dict[Filters, set[Session]] = {}
+        self._groups: dict[GroupKey, set[Session]] = {}
         self._pending: list[Event] = []
         self._pending_bytes = 0
         self._flush_handle: asyncio.Handle | None = None
@@ -169,12 +178,18 @@ class ConnectionManager:
 
     # Registry
 
-    def connect(self, connection: ServerConnection, client_id: str) -> Session:
-        """Register a connected client; it receives broadcasts from the next flush on."""
+    def connect(
+        self, connection: ServerConnection, client_id: str, scope: Scope = EVERYTHING
+    ) -> Session:
+        """Register a connected client; it receives broadcasts from the next flush on.
+
+        ``scope`` bounds what it can ever receive, whatever filters it sets.
+        """
         self.flush()  # what was published before it connected is not its business
         session = Session(connection, client_id)
+        session.scope = scope
         self._sessions[id(connection)] = session
-        self._groups.setdefault(session.filters, set()).add(session)
+        self._groups.setdefault((session.filters, scope), set()).add(session)
         self.total_connections += 1
         return session
 
@@ -185,21 +200,29 @@ class ConnectionManager:
         self._leave_group(session)
 
     def _leave_group(self, session: Session) -> None:
-        members = self._groups.get(session.filters)
+        key = (session.filters, session.scope)
+        members = self._groups.get(key)
         if members is not None:
             members.discard(session)
             if not members:
-                del self._groups[session.filters]
+                del self._groups[key]
 
     def set_filters(self, session: Session, filters: Filters) -> None:
         """Change what a client receives from the next flush on."""
+        self._regroup(session, filters, session.scope)
+
+    def set_scope(self, session: Session, scope: Scope) -> None:
+        """Change what a client may receive (a refreshed token) from the next flush on."""
+        self._regroup(session, session.filters, scope)
+
+    def _regroup(self, session: Session, filters: Filters, scope: Scope) -> None:
         self.flush()
         if id(session.connection) in self._sessions:
             self._leave_group(session)
-            session.filters = filters
-            self._groups.setdefault(filters, set()).add(session)
+            session.filters, session.scope = filters, scope
+            self._groups.setdefault((filters, scope), set()).add(session)
         else:
-            session.filters = filters
+            session.filters, session.scope = filters, scope
 
     def new_client_id(self) -> str:
         """Return a client id for a client that did not give one."""
@@ -259,12 +282,21 @@ class ConnectionManager:
         self._pending_bytes = 0
         payloads = [event.encoded() for event in batch]
         frames = [text_frame(p) for p in payloads]
-        for filters, members in list(self._groups.items()):
+        for (filters, scope), members in list(self._groups.items()):
             chosen: Sequence[int]
-            if filters is ALL or filters == ALL:
-                chosen = range(len(batch))
+            if scope.empty:
+                continue
+            if scope.unrestricted:
+                if filters is ALL or filters == ALL:
+                    chosen = range(len(batch))
+                else:
+                    chosen = [i for i, event in enumerate(batch) if filters_match(filters, event)]
             else:
-                chosen = [i for i, event in enumerate(batch) if filters_match(filters, event)]
+                chosen = [
+                    i
+                    for i, event in enumerate(batch)
+                    if scope.allows(event) and filters_match(filters, event)
+                ]
             if not chosen:
                 continue
             blob = frames[0] if len(frames) == 1 else b"".join(frames[i] for i in chosen)

@@ -12,12 +12,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import http
+import ipaddress
 import json
 import logging
 import re
 import socket
+import time
 from collections.abc import Generator, Iterable
 from importlib import resources
 from types import TracebackType
@@ -32,13 +35,17 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from .. import __version__, protocol
+from ..auth import EVERYTHING, Identity, JWTAuth, bearer_token, install_redaction
 from ..events import Event, EventBus, event_bus
-from ..exceptions import PortInUseError, ProtocolError
+from ..exceptions import AuthError, PortInUseError, ProtocolError
 from .manager import ConnectionManager, Session, filters_match, get_connection_manager
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "LOOPBACK_ORIGIN", "Server", "bind", "serve"]
 
 logger = logging.getLogger("gathering_lab.websocket.server")
+#: websockets logs request lines, headers and frames here at DEBUG: tokens are redacted.
+connection_logger = logging.getLogger("gathering_lab.websocket.connection")
+install_redaction(logger, connection_logger)
 
 WS_PATH = "/ws/dashboard"
 DEFAULT_MAX_MESSAGE_SIZE = 2**20
@@ -65,6 +72,7 @@ def _response(status: http.HTTPStatus, body: bytes, content_type: str) -> Respon
             ("Content-Type", content_type),
             ("Content-Length", str(len(body))),
             ("Cache-Control", "no-store"),
+            ("X-Content-Type-Options", "nosniff"),
             ("Connection", "close"),
         ]
     )
@@ -168,10 +176,14 @@ class _Handler:
         allowed_origins: Iterable[str],
         max_message_size: int,
         tls: bool,
+        auth: JWTAuth | None = None,
     ) -> None:
         self.bus = bus
         self.manager = manager
         self.tls = tls
+        self.auth = auth
+        self._expiry: dict[Session, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.max_message_size = max_message_size
         self.allow_any_origin = False
         self.allowed_origins: set[str] = set()
@@ -209,7 +221,8 @@ class _Handler:
                 },
             )
         if path == "/admin/websocket/stats":
-            return _json_response(http.HTTPStatus.OK, self.stats())
+            denied = self._check_admin(request) if self.auth is not None else None
+            return denied or _json_response(http.HTTPStatus.OK, self.stats())
         if path in ("/", "/dashboard", "/dashboard/"):
             page = _static_file("dashboard.html")
             if page is not None:
@@ -222,33 +235,82 @@ class _Handler:
                 return _response(http.HTTPStatus.OK, body, _STATIC_TYPES[suffix])
         return _json_response(http.HTTPStatus.NOT_FOUND, {"error": f"not found: {path}"})
 
+    def _check_admin(self, request: Request) -> Response | None:
+        """None if the request carries a token with the admin role, else a 401/403 response."""
+        assert self.auth is not None
+        token = bearer_token(request.headers.get("Authorization"))
+        if token is None:
+            token = next(iter(parse_qs(urlsplit(request.path).query).get("token", [])), None)
+        if token is None:
+            response = _json_response(
+                http.HTTPStatus.UNAUTHORIZED,
+                {"error": "unauthorized: send 'Authorization: Bearer <token>' or ?token="},
+            )
+            response.headers["WWW-Authenticate"] = 'Bearer realm="gathering-lab"'
+            return response
+        try:
+            identity = self.auth.verify(token)
+        except AuthError as exc:
+            response = _json_response(
+                http.HTTPStatus.UNAUTHORIZED, {"error": f"unauthorized: {exc}"}
+            )
+            response.headers["WWW-Authenticate"] = (
+                'Bearer realm="gathering-lab", error="invalid_token"'
+            )
+            return response
+        if not identity.has_role("admin"):
+            return _json_response(
+                http.HTTPStatus.FORBIDDEN, {"error": "forbidden: the stats need the 'admin' role"}
+            )
+        return None
+
     def stats(self) -> dict[str, Any]:
         stats = self.manager.get_stats()
         stats["max_message_size"] = self.max_message_size
         stats["bus"] = self.bus.get_stats()
         stats["server"] = f"gathering_lab/{__version__}"
+        stats["auth"] = None if self.auth is None else self.auth.algorithm
         return stats
 
-    def origin_allowed(self, origin: str | None) -> bool:
+    def origin_allowed(self, origin: str | None, host: str | None = None) -> bool:
+        """True for no Origin (not a browser), loopback, listed, or same-origin pages."""
         if origin is None or self.allow_any_origin:
             return True
         origin = origin.rstrip("/")
-        return origin in self.allowed_origins or LOOPBACK_ORIGIN.match(origin) is not None
+        if origin in self.allowed_origins or LOOPBACK_ORIGIN.match(origin) is not None:
+            return True
+        # The page this server served itself (reached by any name): another site's
+        # page cannot make its Origin match our Host.
+        return host is not None and urlsplit(origin).netloc.lower() == host.lower()
 
     # WebSocket
 
     async def __call__(self, connection: ServerConnection) -> None:
         request = connection.request
         assert request is not None  # set by the handshake
-        origin = request.headers.get("Origin")
-        if not self.origin_allowed(origin):
+        origins = request.headers.get_all("Origin")
+        hosts = request.headers.get_all("Host")
+        origin = origins[0] if origins else None
+        host = hosts[0] if len(hosts) == 1 else None
+        if len(origins) > 1 or not self.origin_allowed(origin, host):
             self.manager.rejected_connections += 1
             logger.warning("refused origin %r from %s", origin, connection.remote_address)
             await connection.close(1008, "Unauthorized origin")
             return
         query = parse_qs(urlsplit(request.path).query)
+        identity: Identity | None = None
+        via_frame = False
+        if self.auth is not None:
+            identity, via_frame = await self._authenticate(connection, request, query)
+            if identity is None:
+                return
         client_id = (query.get("client_id") or [""])[0]
-        if not client_id:
+        if identity is not None:
+            # The token names the client: a ?client_id= that disagrees is ignored.
+            if client_id and client_id != identity.sub:
+                logger.info("client_id %r ignored: the token is for %r", client_id, identity.sub)
+            client_id = identity.sub
+        elif not client_id:
             client_id = self.manager.new_client_id()
         elif not _CLIENT_ID.match(client_id):
             self.manager.rejected_connections += 1
@@ -263,10 +325,13 @@ class _Handler:
             await connection.close(1008, exc.message[:120])
             return
 
-        session = self.manager.connect(connection, client_id)
+        scope = EVERYTHING if identity is None else identity.receive_scope
+        session = self.manager.connect(connection, client_id, scope)
+        session.identity = identity
         session.joined_seq = self.bus.last_seq
         logger.info("client %s connected from %s", client_id, session.remote)
         try:
+            extras = {} if identity is None else identity.to_dict()
             self.manager.send(
                 session,
                 protocol.connection_established(
@@ -275,10 +340,18 @@ class _Handler:
                     seq=self.bus.last_seq,
                     epoch=self.bus.epoch,
                     filters=session.filters.to_dict(),
+                    **extras,
                 ),
             )
+            if identity is not None:
+                self._schedule_expiry(session)
+                if via_frame:
+                    self.manager.send(session, self._authenticated(session))
             if resume is not None:
-                self._resume(session, resume)
+                try:
+                    self._resume(session, resume)
+                except ProtocolError as exc:
+                    self.manager.send(session, protocol.error(exc.code, exc.message))
             await self._message_loop(connection, session)
         except ConnectionClosed:
             pass
@@ -286,8 +359,92 @@ class _Handler:
             logger.error("connection handler failed for %s", client_id, exc_info=True)
             await connection.close(1011, "internal error")
         finally:
+            expiry = self._expiry.pop(session, None)
+            if expiry is not None:
+                expiry.cancel()
             self.manager.disconnect(session)
             logger.info("client %s disconnected", client_id)
+
+    # Authentication
+
+    async def _authenticate(
+        self, connection: ServerConnection, request: Request, query: dict[str, list[str]]
+    ) -> tuple[Identity | None, bool]:
+        """Return the client's identity (and whether it came in a frame), or close 1008."""
+        assert self.auth is not None
+        token = bearer_token(request.headers.get("Authorization"))
+        if token is None:
+            token = next(iter(query.get("token", [])), None)
+        via_frame = token is None
+        if token is None:
+            # Browsers cannot set headers: the first frame must be {"type": "auth"}.
+            try:
+                frame = await asyncio.wait_for(connection.recv(), self.auth.timeout)
+            except TimeoutError:
+                await self._refuse(connection, "authentication timeout")
+                return None, True
+            except ConnectionClosed:
+                return None, True
+            message: protocol.ClientMessage | None = None
+            if isinstance(frame, str):
+                try:
+                    message = protocol.parse_client_message(frame)
+                except ProtocolError:
+                    message = None
+            if not isinstance(message, protocol.Auth):
+                await self._refuse(
+                    connection,
+                    'authentication required: send {"type":"auth","data":{"token":...}} first',
+                )
+                return None, True
+            token = message.token
+        try:
+            identity = self.auth.verify(token)
+        except AuthError as exc:
+            await self._refuse(connection, str(exc))
+            return None, via_frame
+        if not (identity.has_role("subscribe") or identity.has_role("publish")):
+            await self._refuse(connection, "the token grants neither 'subscribe' nor 'publish'")
+            return None, via_frame
+        return identity, via_frame
+
+    async def _refuse(self, connection: ServerConnection, reason: str) -> None:
+        self.manager.rejected_connections += 1
+        logger.info("refused a client from %s: %s", connection.remote_address, reason)
+        await connection.close(1008, reason[:120])
+
+    def _authenticated(self, session: Session) -> dict[str, Any]:
+        identity = session.identity
+        assert identity is not None
+        return protocol.ack(
+            "authenticated",
+            client_id=session.client_id,
+            **identity.to_dict(),
+            expires_at=identity.expires_at,
+        )
+
+    def _schedule_expiry(self, session: Session) -> None:
+        """Close the connection with 1008 when its token expires."""
+        old = self._expiry.pop(session, None)
+        if old is not None:
+            old.cancel()
+        identity = session.identity
+        if identity is None or identity.expires_at is None or self.auth is None:
+            return
+        delay = max(0.0, identity.expires_at + self.auth.leeway - time.time())
+        loop = asyncio.get_running_loop()
+        self._expiry[session] = loop.call_later(delay, self._expire, session)
+
+    def _expire(self, session: Session) -> None:
+        self._expiry.pop(session, None)
+        session.closing = True  # nothing more is sent to it, nothing more it sends is run
+        self.manager.disconnect(session)
+        logger.info("closing %s: its token expired", session.client_id)
+        task = asyncio.get_running_loop().create_task(
+            session.connection.close(1008, "token expired")
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _message_loop(self, connection: ServerConnection, session: Session) -> None:
         async for frame in connection:
@@ -295,6 +452,8 @@ class _Handler:
             if isinstance(frame, bytes):
                 await connection.close(1003, "binary frames are not supported; send JSON text")
                 return
+            if session.closing:  # evicted, or its token expired: the close is under way
+                continue
             try:
                 message = protocol.parse_client_message(frame)
                 reply = await self._dispatch(session, message)
@@ -308,7 +467,20 @@ class _Handler:
     ) -> dict[str, Any] | None:
         if isinstance(message, protocol.Ping):
             return protocol.pong(message.id)
+        identity = session.identity
+        if isinstance(message, protocol.Auth):
+            return self._reauthenticate(session, message)
+        if identity is not None and not isinstance(message, protocol.Publish):
+            _require(identity, "subscribe", type(message).__name__.lower())
         if isinstance(message, protocol.Publish):
+            if identity is not None:
+                _require(identity, "publish", "publish")
+                if not identity.scope.allows_ids(message.circle_id, message.project_id):
+                    raise ProtocolError(
+                        "forbidden",
+                        f"circle_id={message.circle_id!r}, project_id={message.project_id!r} "
+                        f"is outside this token's scope {identity.scope.to_dict()}",
+                    )
             event = Event(
                 type=message.type,
                 data=message.data,
@@ -327,9 +499,26 @@ class _Handler:
         if isinstance(message, protocol.Resume):
             self._resume(session, message)
             return None
-        if isinstance(message, protocol.Auth):
-            raise ProtocolError("invalid_message", "authentication is off on this server")
         raise ProtocolError("unknown_type", f"unsupported message {type(message).__name__}")
+
+    def _reauthenticate(self, session: Session, message: protocol.Auth) -> dict[str, Any]:
+        """A fresh token on an open connection (e.g. before the old one expires)."""
+        if self.auth is None:
+            raise ProtocolError("invalid_message", "authentication is off on this server")
+        try:
+            identity = self.auth.verify(message.token)
+        except AuthError as exc:
+            raise ProtocolError("unauthorized", str(exc)) from None
+        if identity.sub != session.client_id:
+            raise ProtocolError(
+                "forbidden", "the token is for another client id; reconnect to change identity"
+            )
+        if not (identity.has_role("subscribe") or identity.has_role("publish")):
+            raise ProtocolError("forbidden", "the token grants neither 'subscribe' nor 'publish'")
+        session.identity = identity
+        self.manager.set_scope(session, identity.receive_scope)
+        self._schedule_expiry(session)
+        return self._authenticated(session)
 
     @staticmethod
     def _resume_from_query(query: dict[str, list[str]]) -> protocol.Resume | None:
@@ -343,6 +532,8 @@ class _Handler:
         return protocol.Resume(int(raw), epoch)
 
     def _resume(self, session: Session, resume: protocol.Resume) -> None:
+        if session.identity is not None:
+            _require(session.identity, "subscribe", "resume")
         bus = self.bus
         gap = (resume.epoch is not None and resume.epoch != bus.epoch) or (
             resume.since_seq + 1 < bus.oldest_seq
@@ -356,7 +547,12 @@ class _Handler:
         # Events after joined_seq already went out live: replay only those before.
         # (Resuming in the URL, ?last_seq=N, also keeps everything in order.)
         limit = session.joined_seq
-        events = [e for e in events if (e.seq or 0) <= limit and filters_match(session.filters, e)]
+        scope = session.scope
+        events = [
+            e
+            for e in events
+            if (e.seq or 0) <= limit and scope.allows(e) and filters_match(session.filters, e)
+        ]
         sent = self.manager.send_events(session, events)
         self.manager.send(
             session,
@@ -369,6 +565,21 @@ class _Handler:
                 gap=gap,
             ),
         )
+
+
+def _require(identity: Identity, role: str, action: str) -> None:
+    if not identity.has_role(role):
+        roles = ", ".join(sorted(identity.roles)) or "none"
+        raise ProtocolError(
+            "forbidden", f"{action} needs the '{role}' role; this token has: {roles}"
+        )
+
+
+def _is_loopback(sock: socket.socket) -> bool:
+    try:
+        return ipaddress.ip_address(sock.getsockname()[0]).is_loopback
+    except (ValueError, OSError):
+        return False
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -420,6 +631,7 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
         sock: socket.socket | None = None,
         # Security
         allowed_origins: Iterable[str] = (),
+        auth: JWTAuth | None = None,
         ssl: Any = None,
         # Limits
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
@@ -436,6 +648,8 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
             raise ValueError(f"max_message_size must be an int >= 1024, not {max_message_size!r}")
         if compression not in (None, "off", "deflate"):
             raise ValueError(f"compression must be 'deflate' or None, not {compression!r}")
+        if auth is not None and not isinstance(auth, JWTAuth):
+            raise TypeError(f"auth must be a JWTAuth or None, not {type(auth).__name__}")
         self.host = host
         self.port = port
         self.bus = bus if bus is not None else event_bus
@@ -449,6 +663,12 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
         self.manager.max_message_size = max_message_size
         self.broadcast = broadcast
         self.sock = sock if sock is not None else _bind(host, port)
+        if auth is None and not _is_loopback(self.sock):
+            logger.warning(
+                "serving on %s without authentication: whoever reaches this port reads every "
+                "event and may publish; keep it on loopback or pass auth= (--jwt-secret)",
+                self.sock.getsockname()[0],
+            )
         self.ssl = ssl
         self.handler = _Handler(
             bus=self.bus,
@@ -456,6 +676,7 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
             allowed_origins=allowed_origins,
             max_message_size=max_message_size,
             tls=ssl is not None,
+            auth=auth,
         )
         self.options: dict[str, Any] = {
             "compression": "deflate" if compression == "deflate" else None,
@@ -473,7 +694,7 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
             ssl=self.ssl,
             process_request=self.handler.process_request,
             server_header=f"gathering_lab/{__version__}",
-            logger=logging.getLogger("gathering_lab.websocket.connection"),
+            logger=connection_logger,
             **self.options,
         )
         subscription = self.manager.attach(self.bus) if self.broadcast else None
