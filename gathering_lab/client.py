@@ -181,6 +181,11 @@ class LabClient:
         await self.close()
 
     @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop the client receives on (None before :meth:`connect`)."""
+        return self._task.get_loop() if self._task is not None else None
+
+    @property
     def connected(self) -> bool:
         """True while a connection is open and greeted."""
         return self._connected.is_set()
@@ -200,7 +205,7 @@ class LabClient:
         self._pings[request_id] = future
         started = time.perf_counter()
         try:
-            await ws.send(protocol.encode({"type": "ping", "id": request_id}).decode())
+            await ws.send(protocol.encode(protocol.Ping(request_id).to_message()).decode())
             await asyncio.wait_for(future, self.request_timeout)
         except TimeoutError:
             raise ConnectionFailed(f"no pong within {self.request_timeout}s") from None
@@ -222,24 +227,15 @@ class LabClient:
         Returns None against a server that does not acknowledge (the guide's original).
         Raises ValueError for a bad type or data, ProtocolError if the server refuses.
         """
-        try:
-            type_name = protocol.check_event_type(type)
-        except ProtocolError as exc:
-            raise ValueError(exc.message) from None
         if data is None:
             data = {}
         if not isinstance(data, dict):
             raise TypeError(f"data must be a dict, not {data.__class__.__name__}")
-        message = {
-            "type": "publish",
-            "data": {
-                "type": type_name,
-                "data": data,
-                "source_agent_id": source_agent_id,
-                "circle_id": circle_id,
-                "project_id": project_id,
-            },
-        }
+        request = protocol.Publish(type, data, source_agent_id, circle_id, project_id)
+        try:
+            message = request.to_message()
+        except ProtocolError as exc:
+            raise ValueError(exc.message) from None
         return await self._request("published", message)
 
     async def subscribe(
@@ -269,12 +265,12 @@ class LabClient:
             raise ValueError(exc.message) from None
         assert isinstance(parsed, protocol.Subscribe)
         self._filters = parsed.filters
-        return await self._request("subscribed", {"type": "subscribe", "data": data})
+        return await self._request("subscribed", parsed.to_message())
 
     async def unsubscribe(self) -> dict[str, Any] | None:
         """Receive everything again."""
         self._filters = None
-        return await self._request("subscribed", {"type": "unsubscribe"})
+        return await self._request("subscribed", protocol.Unsubscribe().to_message())
 
     async def wait_for_events(self, count: int, timeout: float = 10.0) -> int:
         """Wait until at least ``count`` events were received in all; returns the total."""
@@ -450,7 +446,7 @@ class LabClient:
     async def _after_greeting(self, ws: ClientConnection) -> None:
         if self._filters is not None:
             # Filters are kept across reconnects; the ack is not waited for.
-            message = {"type": "subscribe", "data": self._filters.to_dict()}
+            message = protocol.Subscribe(self._filters).to_message()
             await ws.send(protocol.encode(message).decode())
         self._connected.set()
         self._set_status("connected")

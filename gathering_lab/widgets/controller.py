@@ -88,12 +88,6 @@ def same_server(url: str, other: str) -> bool:
     return (a.scheme, a.netloc, a.path.rstrip("/")) == (b.scheme, b.netloc, b.path.rstrip("/"))
 
 
-def _client_loop(client: LabClient) -> asyncio.AbstractEventLoop | None:
-    # Likewise LabClient: the loop of its receiving task, once connected.
-    task = client._task
-    return task.get_loop() if task is not None else None
-
-
 def error_text(exc: BaseException) -> str:
     """A one-line description of an exception for a label."""
     if isinstance(exc, ProtocolError):
@@ -159,7 +153,7 @@ class Controller(HasTraits):
     def _find_loop(lab: Lab | None, client: LabClient | None) -> asyncio.AbstractEventLoop:
         loop = lab.loop if lab is not None else None
         if loop is None and client is not None:
-            loop = _client_loop(client)
+            loop = client.loop
         if loop is None:
             try:
                 loop = asyncio.get_running_loop()
