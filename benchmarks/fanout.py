@@ -1,0 +1,617 @@
+"""Fan-out benchmark: one publisher, M subscribers, K events -- gathering_lab vs two baselines.
+
+Servers (``--servers``, interleaved within every cell and rotated between repetitions):
+
+* ``lab``     -- ``python -m gathering_lab serve`` (extra args with ``--lab-arg=...``);
+* ``bare``    -- ``benchmarks/peers/bare_websockets.py``: websockets, serialise once, broadcast();
+* ``fastapi`` -- ``benchmarks/peers/fastapi_manager.py``: FastAPI + uvicorn + the original
+  ConnectionManager (``send_json`` per client under ``asyncio.gather``);
+* ``fastapi-loop`` -- the same with a sequential ``for`` loop instead of ``gather`` (not run
+  unless named: ``--servers lab,bare,fastapi,fastapi-loop``).
+
+Each run starts a fresh server process, connects the publisher, reads the server's RSS,
+connects M thin subscribers (``loadgen.py``), reads RSS again (idle cost per connection), then
+publishes K events (full speed, or at ``rate`` events/s) and waits -- bounded -- until every
+connection has received the last event. Over that publishing phase it measures the server's
+CPU time (utime+stime, psutil) and the load generator's own CPU time; afterwards the server's
+peak RSS (VmHWM). All traffic is to 127.0.0.1.
+
+    python benchmarks/fanout.py --quick            # smoke test, < ~60 s
+    python benchmarks/fanout.py                    # full run (see BENCHMARKS.md)
+    python benchmarks/fanout.py --servers bare,fastapi --cells full:100:1000 --reps 5
+    python benchmarks/fanout.py --lab-arg=--compression=deflate --client-deflate --label deflate
+
+Writes ``benchmarks/results/fanout-<timestamp>[-label].{md,json}`` and prints the markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import loadgen
+import psutil
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+HOST = "127.0.0.1"  # never anything else
+
+FULL_CELLS = "full:10:4000,full:100:1000,full:1000:200,rate:100:1000:200"
+QUICK_CELLS = "full:10:400,full:100:150,full:1000:25,rate:100:200:200"
+SERVER_NAMES = ("lab", "bare", "fastapi", "fastapi-loop")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One load shape: M subscribers, K events, full speed (``rate`` None) or paced."""
+
+    subscribers: int
+    events: int
+    rate: float | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> Cell:
+        """``full:M:K`` or ``rate:M:K:R``."""
+        parts = spec.strip().split(":")
+        if parts[0] == "full" and len(parts) == 3:
+            return cls(int(parts[1]), int(parts[2]))
+        if parts[0] == "rate" and len(parts) == 4:
+            return cls(int(parts[1]), int(parts[2]), float(parts[3]))
+        raise argparse.ArgumentTypeError(f"bad cell {spec!r}: use full:M:K or rate:M:K:R")
+
+    @property
+    def label(self) -> str:
+        speed = "full speed" if self.rate is None else f"{self.rate:g} ev/s"
+        return f"M={self.subscribers} {speed} K={self.events}"
+
+    def timeout(self, scale: float) -> float:
+        """Bound on the publishing phase: generous, but everything stops by itself."""
+        deliveries = (self.subscribers + 1) * self.events
+        if self.rate is None:
+            return scale * (30 + deliveries * 150e-6)
+        return scale * (30 + self.events / self.rate + deliveries * 20e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Server processes
+
+
+def free_port() -> int:
+    """A port the kernel considers free on the loopback interface."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def server_command(name: str, port: int, args: argparse.Namespace) -> list[str]:
+    """The command line that starts server ``name`` on ``port``."""
+    py = sys.executable
+    if name == "lab":
+        return [
+            py, "-m", "gathering_lab", "serve", "--host", HOST, "--port", str(port),
+            "--log-level", "warning", *args.lab_arg,
+        ]  # fmt: skip
+    if name == "bare":
+        script, extra = "bare_websockets.py", args.bare_arg
+    else:
+        script, extra = "fastapi_manager.py", args.fastapi_arg
+        if name == "fastapi-loop":
+            extra = ["--fanout", "loop", *extra]
+    return [py, str(HERE / "peers" / script), "--host", HOST, "--port", str(port), *extra]
+
+
+def lab_available() -> str | None:
+    """None if ``python -m gathering_lab serve`` can be tried, else the reason it cannot."""
+    probe = (
+        "import importlib.util as u, sys\n"
+        "ok = u.find_spec('gathering_lab.__main__') and u.find_spec('gathering_lab.cli')\n"
+        "sys.exit(0 if ok else 3)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, timeout=60, check=False
+    )
+    if done.returncode == 0:
+        return None
+    return "gathering_lab has no __main__/cli module yet" + (
+        f" ({done.stderr.decode(errors='replace').strip().splitlines()[-1]})" if done.stderr else ""
+    )
+
+
+def box_busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all CPUs, including steal)."""
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq + getattr(t, "steal", 0.0)
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS / VmHWM (bytes) of ``pid`` from /proc."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, value = line.split(":", 1)
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+class ServerProcess:
+    """A server child process: started, waited on until it listens, stopped (bounded)."""
+
+    def __init__(self, name: str, cmd: list[str], port: int, log_path: Path) -> None:
+        self.name = name
+        self.port = port
+        self.log = open(log_path, "ab")  # closed in stop()
+        self.log.write(f"\n=== {datetime.now().isoformat()} {shlex.join(cmd)}\n".encode())
+        self.log.flush()
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.ps = psutil.Process(self.proc.pid)
+
+    def wait_listening(self, timeout: float = 30.0) -> None:
+        """Poll until a TCP connect succeeds; raise if the process dies or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} at startup")
+            try:
+                with socket.create_connection((HOST, self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.name} not listening on {self.port} after {timeout:.0f}s")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 5 s -- only this child, by its pid."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.log.close()
+
+
+# --------------------------------------------------------------------------------------------
+# One run
+
+
+async def measure(server: ServerProcess, cell: Cell, args: argparse.Namespace) -> dict[str, Any]:
+    """Connect, publish, wait for the last event (bounded); return the run's metrics."""
+    pid = server.proc.pid
+    state = loadgen.LoadState(
+        events=cell.events, subscribers=cell.subscribers, deflate=args.client_deflate
+    )
+    pub = await loadgen.Publisher.open(HOST, server.port, cell.events, deflate=args.client_deflate)
+    subs: list[loadgen.ThinSubscriber] = []
+    try:
+        await asyncio.sleep(0.3)
+        rss_before = proc_status(pid)["VmRSS"]
+        subs = await loadgen.connect_subscribers(
+            state, HOST, server.port, cell.subscribers, timeout=60 * args.timeout_scale
+        )
+        await asyncio.sleep(0.5 if cell.subscribers < 500 else 1.0)
+        rss_idle = proc_status(pid)["VmRSS"]
+
+        box0 = box_busy_seconds()
+        cpu0, lg0, t0 = server.ps.cpu_times(), time.process_time(), time.perf_counter()
+        publishing = asyncio.create_task(pub.publish(cell.rate, args.payload_bytes))
+        timed_out = False
+        try:
+            async with asyncio.timeout(cell.timeout(args.timeout_scale)):
+                await publishing  # raises if the server drops the publisher
+                await state.all_finished.wait()
+                await pub.got_last.wait()
+        except TimeoutError:
+            timed_out = True
+        except Exception as exc:  # the run is reported as failed, the benchmark goes on
+            state.error(f"publisher: {exc!r}")
+        wall = time.perf_counter() - t0
+        cpu1, lg1, box1 = server.ps.cpu_times(), time.process_time(), box_busy_seconds()
+        status = proc_status(pid)
+        if not publishing.done():
+            publishing.cancel()
+            await asyncio.gather(publishing, return_exceptions=True)
+    finally:
+        for sub in subs:
+            sub.close()
+        await pub.close()
+
+    result = loadgen.summarize(state, subs, pub)
+    server_cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    deliveries = max(result["deliveries"], 1)
+    result.update(
+        timed_out=timed_out,
+        wall_s=wall,
+        deliveries_per_s=result["deliveries"] / wall,
+        server_cpu_s=server_cpu,
+        cpu_us_per_delivery=1e6 * server_cpu / deliveries,
+        server_cpu_pct=100 * server_cpu / wall,
+        loadgen_cpu_pct=100 * (lg1 - lg0) / wall,
+        # Everything else on the box (other processes, kernel, steal): the noise indicator.
+        other_cpu_pct=max(0.0, 100 * ((box1 - box0) - server_cpu - (lg1 - lg0)) / wall),
+        rss_before_mib=rss_before / 2**20,
+        rss_end_mib=status["VmRSS"] / 2**20,
+        peak_rss_mib=status["VmHWM"] / 2**20,
+        idle_kib_per_conn=(rss_idle - rss_before) / 1024 / max(cell.subscribers, 1),
+    )
+    return result
+
+
+def run_one(
+    name: str, cell: Cell, rep: int, args: argparse.Namespace, logs: Path
+) -> dict[str, Any]:
+    """Start a fresh server, measure one cell against it, stop it."""
+    port = free_port()
+    base: dict[str, Any] = {"server": name, "cell": cell.label, "rep": rep, "ok": False}
+    server = ServerProcess(name, server_command(name, port, args), port, logs / f"{name}.log")
+    try:
+        server.wait_listening()
+        result = asyncio.run(measure(server, cell, args))
+    except Exception as exc:  # keep benchmarking the other servers
+        base["error"] = repr(exc)
+        return base
+    finally:
+        server.stop()
+    base.update(result)
+    base["ok"] = not result["errors"] and not result["timed_out"]
+    return base
+
+
+# --------------------------------------------------------------------------------------------
+# Summaries and report
+
+MEDIAN_KEYS = (
+    "deliveries_per_s", "cpu_us_per_delivery", "server_cpu_pct", "p50_ms", "p99_ms",
+    "peak_rss_mib", "idle_kib_per_conn", "loadgen_cpu_pct", "other_cpu_pct",
+)  # fmt: skip
+LOADGEN_BOUND_PCT = 90.0  # at or above this, throughput is limited by the load generator
+SUM_KEYS = ("lost", "duplicates", "out_of_order", "connect_failed")
+
+
+def summarize_runs(runs: list[dict[str, Any]], cells: list[Cell], servers: list[str]) -> list[dict]:
+    """Median of each metric over the repetitions of one (cell, server); counts are summed."""
+    rows = []
+    for cell in cells:
+        for name in servers:
+            mine = [r for r in runs if r["cell"] == cell.label and r["server"] == name]
+            done = [r for r in mine if "deliveries" in r]
+            row: dict[str, Any] = {"cell": cell.label, "server": name, "reps": len(done)}
+            row["failed_runs"] = sum(1 for r in mine if not r["ok"])
+            for key in MEDIAN_KEYS:
+                values = [r[key] for r in done if not math.isnan(r[key])]
+                row[key] = statistics.median(values) if values else float("nan")
+            for key in SUM_KEYS:
+                row[key] = sum(r[key] for r in done)
+            rows.append(row)
+    return rows
+
+
+def ratio(a: float, b: float) -> float:
+    """a / b, nan when undefined."""
+    if math.isnan(a) or math.isnan(b) or b == 0:
+        return float("nan")
+    return a / b
+
+
+def compute_ratios(summary: list[dict], servers: list[str]) -> list[dict[str, Any]]:
+    """lab÷bare, lab÷fastapi(-loop), bare÷fastapi of the medians, per cell and metric."""
+    pairs = [
+        ("lab", "bare"), ("lab", "fastapi"), ("lab", "fastapi-loop"), ("bare", "fastapi"),
+        ("bare", "fastapi-loop"),
+    ]  # fmt: skip
+    pairs = [(a, b) for a, b in pairs if a in servers and b in servers]
+    out = []
+    by_key = {(r["cell"], r["server"]): r for r in summary}
+    for cell in dict.fromkeys(r["cell"] for r in summary):
+        for metric in ("cpu_us_per_delivery", "p99_ms", "peak_rss_mib", "idle_kib_per_conn"):
+            row: dict[str, Any] = {"cell": cell, "metric": metric}
+            for a, b in pairs:
+                row[f"{a}/{b}"] = ratio(by_key[(cell, a)][metric], by_key[(cell, b)][metric])
+            out.append(row)
+    return out
+
+
+NOISY_OTHER_CPU_PCT = 50.0  # rest of the box busier than this: latency checks are not trustworthy
+
+
+def check_targets(summary: list[dict], cells: list[Cell]) -> list[tuple[str, bool | None, str]]:
+    """The issue's targets on this run's medians: (target, passed, evidence).
+
+    "FastAPI" means every FastAPI variant measured in the run (``fastapi``, ``fastapi-loop``):
+    a target passes only against the cheapest of them.
+    """
+    by_key = {(r["cell"], r["server"]): r for r in summary}
+
+    def row(cell: Cell | None, server: str) -> dict[str, Any] | None:
+        found = by_key.get((cell.label, server)) if cell else None
+        return found if found and found["reps"] else None
+
+    def find(m: int, rate: float | None) -> Cell | None:
+        return next((c for c in cells if c.subscribers == m and c.rate == rate), None)
+
+    def versus(lab: dict, cell: Cell, metric: str, limit: float, *others: str) -> tuple[bool, str]:
+        ok, text = True, []
+        for other in others:
+            ref = row(cell, other)
+            if ref:
+                r = ratio(lab[metric], ref[metric])
+                ok = ok and r <= limit
+                text.append(f"÷{other} {r:.2f}")
+        return ok, ", ".join(text)
+
+    def noise(cell: Cell, *servers: str) -> str:
+        busy = max((r["other_cpu_pct"] for s in servers if (r := row(cell, s))), default=0.0)
+        if busy > NOISY_OTHER_CPU_PCT:
+            return f" — box busy (other CPU {busy:.0f}%): rerun on a quiet machine"
+        return ""
+
+    fastapis = ("fastapi", "fastapi-loop")
+    checks: list[tuple[str, bool | None, str]] = []
+    for m in (100, 1000):
+        cell = find(m, None)
+        name = f"CPU/delivery at M={m}: lab ≤ 0.6× FastAPI, ≤ 1.25× bare, zero loss"
+        lab = row(cell, "lab")
+        if not (cell and lab and row(cell, "bare") and any(row(cell, f) for f in fastapis)):
+            checks.append((name, None, "not measured"))
+            continue
+        ok_f, txt_f = versus(lab, cell, "cpu_us_per_delivery", 0.6, *fastapis)
+        ok_b, txt_b = versus(lab, cell, "cpu_us_per_delivery", 1.25, "bare")
+        clean = lab["lost"] == 0 and lab["duplicates"] == 0 and lab["failed_runs"] == 0
+        evidence = f"{txt_f}, {txt_b}, lost {lab['lost']}, dup {lab['duplicates']}"
+        checks.append((name, ok_f and ok_b and clean, evidence))
+
+    cell = find(100, 200.0)
+    name = "p99 latency at M=100, 200 ev/s: lab ≤ 1.5× bare and ≤ FastAPI"
+    lab = row(cell, "lab")
+    if cell and lab and row(cell, "bare") and any(row(cell, f) for f in fastapis):
+        ok_b, txt_b = versus(lab, cell, "p99_ms", 1.5, "bare")
+        ok_f, txt_f = versus(lab, cell, "p99_ms", 1.0, *fastapis)
+        evidence = f"{lab['p99_ms']:.2f} ms, {txt_b}, {txt_f}" + noise(cell, "lab", "bare")
+        checks.append((name, ok_b and ok_f, evidence))
+    else:
+        checks.append((name, None, "not measured"))
+
+    cell = find(1000, None) or next((c for c in cells if c.subscribers == 1000), None)
+    name = "idle connection cost at M=1000: lab < 20 KiB each"
+    lab = row(cell, "lab")
+    if cell and lab:
+        bare = row(cell, "bare")
+        extra = f" (bare {bare['idle_kib_per_conn']:.1f})" if bare else ""
+        kib = lab["idle_kib_per_conn"]
+        checks.append((name, kib < 20, f"{kib:.1f} KiB{extra}"))
+    else:
+        checks.append((name, None, "not measured"))
+    return checks
+
+
+def fmt(value: float, digits: int = 1) -> str:
+    """Format a number for the table (``–`` for nan)."""
+    if isinstance(value, float) and math.isnan(value):
+        return "–"
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:,.{digits}f}"
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    model = "unknown"
+    with open("/proc/cpuinfo", encoding="utf-8") as fh:
+        for line in fh:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    versions: dict[str, str] = {}
+    for mod in ("websockets", "fastapi", "uvicorn", "starlette"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except Exception:
+            versions[mod] = "n/a"
+    commit = (
+        subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, check=False
+        )
+        .stdout.decode()
+        .strip()
+    )
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loadavg_at_start": os.getloadavg(),
+        "git": commit or "n/a",
+        **versions,
+    }
+
+
+def render(meta: dict[str, Any], summary: list[dict], ratios: list[dict], checks: list) -> str:
+    """The markdown report."""
+    m = meta["machine"]
+    lines = [
+        f"### Fan-out run {meta['started']}",
+        "",
+        f"`{meta['command']}`",
+        "",
+        f"Machine: {m['nproc']} CPUs, {m['cpu_model']}, Linux {m['kernel']}, "
+        f"Python {m['python']}, websockets {m['websockets']}, fastapi {m['fastapi']}, "
+        f"uvicorn {m['uvicorn']}; load average {m['loadavg_at_start'][0]:.2f} at start, "
+        f"{meta['loadavg_at_end'][0]:.2f} at end; "
+        f"git {m['git']}. Reps per cell: {meta['reps']} (median shown; lost/dup/ooo summed "
+        f"over reps). Payload ~{meta['payload_bytes']} B of JSON per event. "
+        f"Wall time {meta['elapsed_s']:.0f} s.",
+        "",
+    ]
+    if meta.get("notes"):
+        lines += [f"Note: {n}" for n in meta["notes"]] + [""]
+    lines += [
+        "| cell | server | deliveries/s | server CPU µs/delivery | server CPU % | p50 ms "
+        "| p99 ms | lost | dup | ooo | peak RSS MiB | idle KiB/conn | loadgen CPU % "
+        "| other CPU % |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for r in summary:
+        failed = f" ({r['failed_runs']} failed)" if r["failed_runs"] else ""
+        bound = " †" if r["loadgen_cpu_pct"] >= LOADGEN_BOUND_PCT else ""
+        lines.append(
+            f"| {r['cell']} | {r['server']}{failed} | {fmt(r['deliveries_per_s'], 0)}{bound} "
+            f"| {fmt(r['cpu_us_per_delivery'])} | {fmt(r['server_cpu_pct'], 0)} "
+            f"| {fmt(r['p50_ms'], 2)} | {fmt(r['p99_ms'], 2)} | {r['lost']} | {r['duplicates']} "
+            f"| {r['out_of_order']} | {fmt(r['peak_rss_mib'])} | {fmt(r['idle_kib_per_conn'])} "
+            f"| {fmt(r['loadgen_cpu_pct'], 0)} | {fmt(r['other_cpu_pct'], 0)} |"
+        )
+    lines += [
+        "",
+        "CPU % is of one core over the publishing phase. † = load generator at "
+        f"≥{LOADGEN_BOUND_PCT:.0f}% CPU: that throughput is bounded by the client, not the server "
+        "(CPU per delivery is still the server's own). Other CPU % = the rest of the box "
+        "(other processes, kernel, steal) during the same phase: the noise indicator.",
+    ]
+    if ratios:
+        pair_keys = [k for k in ratios[0] if "/" in k]
+        if pair_keys:
+            header = " | ".join(k.replace("/", " ÷ ") for k in pair_keys)
+            lines += ["", "Ratios of the medians (same run):", ""]
+            lines += [f"| cell | metric | {header} |", "|---|---|" + "--:|" * len(pair_keys)]
+            for r in ratios:
+                cells_txt = " | ".join(fmt(r[k], 2) for k in pair_keys)
+                lines.append(f"| {r['cell']} | {r['metric']} | {cells_txt} |")
+    lines += ["", "Targets (from the issue), on this run:", ""]
+    for name, passed, evidence in checks:
+        mark = "n/a" if passed is None else ("PASS" if passed else "FAIL")
+        lines.append(f"- **{mark}** {name} — {evidence}")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line options."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small K, 1 rep: a smoke test")
+    p.add_argument("--servers", default="lab,bare,fastapi", help=f"comma list of {SERVER_NAMES}")
+    p.add_argument("--cells", help=f"comma list of full:M:K / rate:M:K:R (default {FULL_CELLS})")
+    p.add_argument("--reps", type=int, help="repetitions per cell (default 5, quick 1)")
+    p.add_argument("--payload-bytes", type=int, default=200, help="JSON size of event data")
+    p.add_argument("--lab-arg", action="append", default=[], help="extra arg for our server")
+    p.add_argument("--bare-arg", action="append", default=[], help="extra arg for bare peer")
+    p.add_argument("--fastapi-arg", action="append", default=[], help="extra arg, fastapi peer")
+    p.add_argument("--client-deflate", action="store_true", help="clients offer compression")
+    p.add_argument("--timeout-scale", type=float, default=1.0, help="multiply all timeouts")
+    p.add_argument("--label", default="", help="suffix for the result file names")
+    p.add_argument("--out-dir", type=Path, default=HERE / "results")
+    args = p.parse_args(argv)
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    unknown = set(args.servers) - set(SERVER_NAMES)
+    if unknown:
+        p.error(f"unknown servers: {', '.join(sorted(unknown))}")
+    args.cells = [
+        Cell.parse(s)
+        for s in (args.cells or (QUICK_CELLS if args.quick else FULL_CELLS)).split(",")
+    ]
+    args.reps = args.reps or (1 if args.quick else 5)
+    return args
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE := hard (children inherit it); return the new limits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every (cell, rep, server), write the report, print it."""
+    args = parse_args(argv)
+    soft, _ = raise_nofile_limit()
+    need = max(c.subscribers for c in args.cells) + 64
+    if soft < need:
+        print(f"RLIMIT_NOFILE {soft} < {need}: raise the hard limit first", file=sys.stderr)
+        return 2
+    notes: list[str] = []
+    servers = list(args.servers)
+    if "lab" in servers and (why := lab_available()):
+        notes.append(f"lab skipped: {why}")
+        servers.remove("lab")
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    stem = f"fanout-{stamp}" + (f"-{args.label}" if args.label else "")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    logs = args.out_dir / f"{stem}-logs"
+    logs.mkdir(exist_ok=True)
+
+    started, t_start = datetime.now().isoformat(timespec="seconds"), time.monotonic()
+    runs: list[dict[str, Any]] = []
+    dead: set[str] = set()
+    for cell in args.cells:
+        for rep in range(args.reps):
+            shift = rep % len(servers)
+            for name in servers[shift:] + servers[:shift]:  # interleave, rotate the order
+                if name in dead:
+                    continue
+                run = run_one(name, cell, rep, args, logs)
+                runs.append(run)
+                print(progress_line(run), file=sys.stderr, flush=True)
+                if "exited" in run.get("error", "") or "not listening" in run.get("error", ""):
+                    dead.add(name)
+                    notes.append(f"{name} did not start ({run['error']}); see {logs.name}/")
+
+    summary = summarize_runs(runs, args.cells, servers)
+    ratios = compute_ratios(summary, servers)
+    checks = check_targets(summary, args.cells)
+    meta = {
+        "started": started,
+        "elapsed_s": time.monotonic() - t_start,
+        "loadavg_at_end": os.getloadavg(),
+        "command": "python benchmarks/fanout.py "
+        + shlex.join(sys.argv[1:] if argv is None else argv),
+        "machine": machine_info(),
+        "reps": args.reps,
+        "payload_bytes": args.payload_bytes,
+        "cells": [c.label for c in args.cells],
+        "servers": servers,
+        "notes": notes,
+        "lab_args": args.lab_arg,
+    }
+    report = render(meta, summary, ratios, checks)
+    (args.out_dir / f"{stem}.md").write_text(report, encoding="utf-8")
+    payload = {"meta": meta, "summary": summary, "ratios": ratios, "checks": checks, "runs": runs}
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=str))
+    print(report)
+    print(f"saved {args.out_dir / stem}.md and .json", file=sys.stderr)
+    return 0
+
+
+def progress_line(run: dict[str, Any]) -> str:
+    """One stderr line per run, so a long benchmark shows it is alive."""
+    if "error" in run:
+        return f"  {run['cell']:<28} {run['server']:<8} rep {run['rep']}: ERROR {run['error']}"
+    return (
+        f"  {run['cell']:<28} {run['server']:<8} rep {run['rep']}: "
+        f"{run['deliveries_per_s']:>9,.0f} deliv/s  {run['cpu_us_per_delivery']:6.1f} µs/deliv  "
+        f"p99 {run['p99_ms']:8.2f} ms  lost {run['lost']}  loadgen {run['loadgen_cpu_pct']:3.0f}%"
+        + ("" if run["ok"] else f"  [{'timeout' if run['timed_out'] else run['errors'][:2]}]")
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
