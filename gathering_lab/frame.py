@@ -248,7 +248,8 @@ class EventFrame:
     def _repr_html_(self) -> str:
         from html import escape
 
-        return f"<p>{escape(repr(self))}</p>" + self.tail(10)._repr_html_()
+        table: str = self.tail(10)._repr_html_()  # type: ignore[operator]
+        return f"<p>{escape(repr(self))}</p>" + table
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -606,7 +607,7 @@ def _timestamps_us(values: list[str | None]) -> Any:
             pass  # something arrow will not parse (naive, nanoseconds, junk): pandas decides
         else:
             return np.array(parsed.cast(pa.int64()).fill_null(_NAT).to_numpy(), dtype=np.int64)
-    stamped = pd.to_datetime(values, format="ISO8601", utc=True, errors="coerce")
+    stamped = pd.to_datetime(pd.Series(values), format="ISO8601", utc=True, errors="coerce")
     return np.array(pd.DatetimeIndex(stamped).as_unit("us").asi8, dtype=np.int64)
 
 

@@ -142,7 +142,7 @@ class LiveLog(Panel):
         matching = apply_filters(df, self.filters)
         if not len(matching):
             return
-        self._counts.update(matching["type"].value_counts().to_dict())
+        self._counts.update({str(k): int(v) for k, v in matching["type"].value_counts().items()})
         self._latest.extend(_format_rows(matching, self.rows))
 
     def _placeholder(self) -> str:
