@@ -46,3 +46,19 @@ def test_guide_import_paths() -> None:
         setup_custom_broadcasting,
         setup_websocket_broadcasting,
     )
+
+
+def test_the_server_side_does_not_load_the_notebook_stack() -> None:
+    # `gathering-lab serve` must stay small: no pandas, numpy, ipywidgets or IPython.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, gathering_lab, gathering_lab.cli, gathering_lab.websocket;"
+        "gathering_lab.cli._build_parser();"
+        "print(sorted({m.split('.')[0] for m in sys.modules}"
+        " & {'pandas', 'numpy', 'ipywidgets', 'IPython', 'matplotlib'}))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
