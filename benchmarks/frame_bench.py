@@ -2,16 +2,22 @@
 
 Usage::
 
-    python benchmarks/frame_bench.py            # 1,000,000 events (about a minute)
-    python benchmarks/frame_bench.py --quick    # 100,000 events (a few seconds)
+    python benchmarks/frame_bench.py            # 1,000,000 events, 5 repetitions (~2-3 min)
+    python benchmarks/frame_bench.py --quick    # 100,000 events, 3 repetitions (~20 s)
 
 Messages are built like the client builds them: ``json.loads`` of demo-like wire frames
 (agent / task / circle / memory / conversation events with small data dicts), so every
 message is a fresh dict with fresh strings, as it would be off the socket.
 
+Each repetition: append N messages one by one (``received_at`` = now, as the client does),
+extend another frame with the same messages in batches of 1,000, build ``.df`` of the first
+frame cold, then the naive pattern (``df = pd.concat([df, one_row_df])`` per event) on 2,000
+messages and EventFrame ``append`` on the same 2,000 — interleaved, so their ratio compares
+like with like. Tables show the median of the repetitions and the range. Memory is measured
+once with tracemalloc (deterministic). Raw numbers go to ``benchmarks/results/frame-*.json``.
+
 Targets: ingest >= 200,000 events/s; ``.df`` of 1,000,000 events < 2 s; < 1 KiB retained per
-stored event. The naive pattern (``pd.concat`` of a one-row DataFrame per event) runs on
-2,000 events in the same run and is quoted per event and as a ratio.
+stored event.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import json
 import os
 import platform
 import random
+import statistics
+import subprocess
 import sys
 import time
 import tracemalloc
@@ -113,44 +121,29 @@ def messages(frames: list[str]) -> Iterator[dict[str, Any]]:
         yield json.loads(text)
 
 
-def bench_ingest(frames: list[str], repeats: int = 3) -> tuple[EventFrame, float, float]:
-    """Best-of-``repeats`` rates: one ``append`` per message (received_at=now), and ``extend``
-    in batches of 1,000. Returns the last appended frame too."""
-    batch = list(messages(frames))
-    append_rates, extend_rates = [], []
-    frame = EventFrame()
-    for _ in range(repeats):
-        del frame
-        gc.collect()
-        frame = EventFrame(client_id="bench")
-        append = frame.append
-        start = time.perf_counter()
-        for message in batch:
-            append(message)
-        append_rates.append(len(batch) / (time.perf_counter() - start))
+def ingest(batch: list[dict[str, Any]]) -> tuple[EventFrame, float, float]:
+    """Seconds per event for ``append`` one by one and for ``extend`` in batches of 1,000."""
+    frame = EventFrame(client_id="bench")
+    append = frame.append
+    start = time.perf_counter()
+    for message in batch:
+        append(message)
+    per_append = (time.perf_counter() - start) / len(batch)
 
-        other = EventFrame(client_id="bench")
-        start = time.perf_counter()
-        for i in range(0, len(batch), 1000):
-            other.extend(batch[i : i + 1000])
-        extend_rates.append(len(batch) / (time.perf_counter() - start))
-        del other
-    del batch
-    gc.collect()
-    return frame, max(append_rates), max(extend_rates)
+    other = EventFrame(client_id="bench")
+    start = time.perf_counter()
+    for i in range(0, len(batch), 1000):
+        other.extend(batch[i : i + 1000])
+    per_extend = (time.perf_counter() - start) / len(batch)
+    return frame, per_append, per_extend
 
 
-def bench_df(frame: EventFrame, repeats: int = 3) -> tuple[float, float, float, float]:
-    """Cold ``.df`` (best of ``repeats``, each after an append; wall and CPU seconds),
-    cached ``.df``, ``tail(100)``."""
-    extra = json.loads(wire_frames(1, seed=99)[0])
-    walls, cpus = [], []
-    for _ in range(repeats):
-        frame.append(extra)  # invalidates the cache
-        start, start_cpu = time.perf_counter(), time.process_time()
-        df = frame.df
-        walls.append(time.perf_counter() - start)
-        cpus.append(time.process_time() - start_cpu)
+def materialise(frame: EventFrame) -> tuple[float, float, float, float]:
+    """Cold ``.df`` (wall and CPU seconds), cached ``.df`` and ``tail(100)`` (wall seconds)."""
+    frame.append(json.loads(wire_frames(1, seed=99)[0]))  # invalidates any cache
+    start, start_cpu = time.perf_counter(), time.process_time()
+    df = frame.df
+    wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     assert len(df) == len(frame)
     start = time.perf_counter()
     frame.df  # noqa: B018
@@ -158,35 +151,11 @@ def bench_df(frame: EventFrame, repeats: int = 3) -> tuple[float, float, float, 
     start = time.perf_counter()
     frame.tail(100)
     tail = time.perf_counter() - start
-    return min(walls), min(cpus), warm, tail
+    return wall, cpu, warm, tail
 
 
-def bench_memory(frames: list[str]) -> tuple[float, float]:
-    """Bytes retained per stored event (tracemalloc), messages decoded one at a time; and the
-    part of it that is the ``data`` dicts themselves (kept by reference)."""
-    gc.collect()
-    tracemalloc.start()
-    before = tracemalloc.get_traced_memory()[0]
-    frame = EventFrame(client_id="bench")
-    for message in messages(frames):
-        frame.append(message)
-    gc.collect()
-    total = tracemalloc.get_traced_memory()[0] - before
-    assert len(frame) == len(frames)
-    del frame
-    gc.collect()
-    before = tracemalloc.get_traced_memory()[0]
-    payloads = [message["data"] for message in messages(frames)]
-    gc.collect()
-    data_only = tracemalloc.get_traced_memory()[0] - before
-    tracemalloc.stop()
-    del payloads
-    return total / len(frames), data_only / len(frames)
-
-
-def bench_naive(frames: list[str]) -> float:
+def naive(batch: list[dict[str, Any]]) -> float:
     """Seconds per event for ``df = pd.concat([df, one_row_df])`` (the pattern to avoid)."""
-    batch = list(messages(frames))
 
     def row(message: dict[str, Any]) -> pd.DataFrame:
         received = time.time()
@@ -219,6 +188,41 @@ def bench_naive(frames: list[str]) -> float:
     return elapsed / len(batch)
 
 
+def append_only(batch: list[dict[str, Any]]) -> float:
+    """Seconds per event for EventFrame ``append`` on the naive pattern's messages."""
+    frame = EventFrame(client_id="bench")
+    start = time.perf_counter()
+    for message in batch:
+        frame.append(message)
+    return (time.perf_counter() - start) / len(batch)
+
+
+def memory(frames: list[str]) -> tuple[float, float]:
+    """Bytes retained per stored event (tracemalloc), messages decoded one at a time; and the
+    part of it that is the ``data`` dicts themselves (kept by reference)."""
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    frame = EventFrame(client_id="bench")
+    for message in messages(frames):
+        frame.append(message)
+    gc.collect()
+    total = tracemalloc.get_traced_memory()[0] - before
+    assert len(frame) == len(frames)
+    del frame
+    gc.collect()
+    before = tracemalloc.get_traced_memory()[0]
+    payloads = [message["data"] for message in messages(frames)]
+    gc.collect()
+    data_only = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    del payloads
+    return total / len(frames), data_only / len(frames)
+
+
+# -- environment ----------------------------------------------------------------------------
+
+
 def machine() -> str:
     model = platform.processor() or "unknown CPU"
     try:
@@ -235,103 +239,229 @@ def machine() -> str:
     except ImportError:
         arrow = ""
     return (
-        f"{os.cpu_count()} CPUs ({model}), {platform.system()} {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, {model}, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}, pandas {pd.__version__}, numpy {np.__version__}"
         f"{arrow}"
     )
 
 
+def git_revision() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "gathering_lab/frame.py", __file__],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return f"{head or 'unknown'}{' + uncommitted frame changes' if dirty else ''}"
+
+
+def busy_seconds() -> float | None:
+    """CPU seconds the whole machine spent busy so far (from /proc/stat), or None."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def spread(values: list[float], scale: float = 1.0, fmt: str = ",.0f") -> str:
+    """``median (min–max)`` of ``values`` times ``scale``."""
+    scaled = [value * scale for value in values]
+    return f"{statistics.median(scaled):{fmt}} ({min(scaled):{fmt}}–{max(scaled):{fmt}})"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="100,000 events instead of 1,000,000")
-    parser.add_argument("--events", type=int, help="number of events (overrides --quick)")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="100,000 events, 3 repetitions")
+    parser.add_argument("--events", type=int, help="events per repetition (overrides --quick)")
+    parser.add_argument("--reps", type=int, help="repetitions (default 5, --quick 3)")
+    parser.add_argument("--no-save", action="store_true", help="do not write benchmarks/results")
     args = parser.parse_args(argv)
     count = args.events or (100_000 if args.quick else 1_000_000)
+    reps = args.reps or (3 if args.quick else 5)
+    naive_count = 500 if args.quick else 2_000
     memory_count = min(count, 200_000)
-    naive_count = 2_000
+    command = "python benchmarks/frame_bench.py" + "".join(
+        f" {arg}" for arg in (sys.argv[1:] if argv is None else argv)
+    )
 
+    started = time.strftime("%Y-%m-%d %H:%M")
+    load_start = os.getloadavg()
     print(f"machine: {machine()}")
-    print("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
-    print(f"generating {count:,} demo-like wire frames...", flush=True)
+    print("load average at start: {:.2f} {:.2f} {:.2f}".format(*load_start), flush=True)
     frames = wire_frames(count)
+    batch = list(messages(frames))
+    small = list(messages(frames[:naive_count]))
 
-    frame, append_rate, extend_rate = bench_ingest(frames)
-    cold, cold_cpu, warm, tail = bench_df(frame)
-    del frame
-    gc.collect()
-    per_event_memory, data_memory = bench_memory(frames[:memory_count])
-    naive = bench_naive(frames[:naive_count])
+    wall0, busy0, own0 = time.perf_counter(), busy_seconds(), time.process_time()
+    raw: dict[str, list[float]] = {
+        key: []
+        for key in (
+            "append_s",
+            "extend_s",
+            "df_wall_s",
+            "df_cpu_s",
+            "df_cached_s",
+            "tail100_s",
+            "naive_s",
+            "append_small_s",
+        )
+    }
+    for rep in range(reps):
+        frame, per_append, per_extend = ingest(batch)
+        raw["append_s"].append(per_append)
+        raw["extend_s"].append(per_extend)
+        for key, value in zip(
+            ("df_wall_s", "df_cpu_s", "df_cached_s", "tail100_s"), materialise(frame), strict=True
+        ):
+            raw[key].append(value)
+        del frame
+        gc.collect()
+        if rep % 2:  # alternate the order of the pair
+            raw["append_small_s"].append(append_only(small))
+            raw["naive_s"].append(naive(small))
+        else:
+            raw["naive_s"].append(naive(small))
+            raw["append_small_s"].append(append_only(small))
+        print(f"  repetition {rep + 1}/{reps} done", flush=True)
+    wall = time.perf_counter() - wall0
+    busy1, own1 = busy_seconds(), time.process_time()
+    other = (
+        None
+        if busy0 is None or busy1 is None
+        else max(0.0, (busy1 - busy0) - (own1 - own0)) / wall * 100
+    )
+    per_event_memory, data_memory = memory(frames[:memory_count])
+    load_end = os.getloadavg()
 
-    append_cost = 1 / append_rate
-    amortised = append_cost + cold / count  # append, plus one full .df at the end
+    median = statistics.median
+    append_rate = 1 / median(raw["append_s"])
+    df_wall = median(raw["df_wall_s"])
+    ratios_small = [n / a for n, a in zip(raw["naive_s"], raw["append_small_s"], strict=True)]
     full_size = count >= 1_000_000  # the .df target is for 1,000,000 events
 
     def status(ok: bool) -> str:
-        return "ok" if ok else "MISSED"
+        return "PASS" if ok else "MISSED"
 
     rows = [
         (
-            "ingest, `append()` per message (best of 3)",
-            f"{append_rate:,.0f} events/s ({append_cost * 1e6:.2f} µs/event)",
+            "ingest, `append()` one by one",
+            f"{spread([1 / v for v in raw['append_s']])} events/s",
             f">= {INGEST_TARGET:,}/s",
             status(append_rate >= INGEST_TARGET),
         ),
         (
-            "ingest, `extend()` batches of 1,000 (best of 3)",
-            f"{extend_rate:,.0f} events/s",
+            "… per event",
+            f"{spread(raw['append_s'], 1e6, '.2f')} µs",
             "",
             "",
         ),
         (
-            f"`.df` of {count:,} events (cold, best of 3)",
-            f"{cold:.3f} s wall ({cold_cpu:.3f} s CPU)",
-            f"< {DF_TARGET:g} s at 1,000,000",
-            status(cold < DF_TARGET) if full_size else "n/a",
+            "ingest, `extend()` in batches of 1,000",
+            f"{spread([1 / v for v in raw['extend_s']])} events/s",
+            "",
+            "",
         ),
-        (f"`.df` again (cached, {count:,})", f"{warm * 1e3:.2f} ms", "", ""),
-        (f"`tail(100)` of {count:,}", f"{tail * 1e3:.2f} ms", "", ""),
+        (
+            f"`.df` of {count:,} events, cold",
+            f"{spread(raw['df_wall_s'], 1, '.3f')} s wall; "
+            f"{spread(raw['df_cpu_s'], 1, '.3f')} s CPU",
+            f"< {DF_TARGET:g} s at 1,000,000",
+            status(df_wall < DF_TARGET) if full_size else "n/a",
+        ),
+        (
+            f"`.df` again, cached ({count:,})",
+            f"{spread(raw['df_cached_s'], 1e3, '.2f')} ms",
+            "",
+            "",
+        ),
+        (f"`tail(100)` of {count:,}", f"{spread(raw['tail100_s'], 1e3, '.2f')} ms", "", ""),
         (
             f"memory per stored event (tracemalloc, {memory_count:,} events)",
             f"{per_event_memory:,.0f} B",
-            f"< {MEMORY_TARGET} B",
+            f"< {MEMORY_TARGET:,} B",
             status(per_event_memory < MEMORY_TARGET),
         ),
-        (
-            "… of which the `data` dicts themselves",
-            f"{data_memory:,.0f} B",
-            "",
-            "",
-        ),
+        ("… of which the `data` dicts themselves", f"{data_memory:,.0f} B", "", ""),
         (
             f"naive `pd.concat` per event ({naive_count:,} events)",
-            f"{naive * 1e6:,.0f} µs/event",
+            f"{spread(raw['naive_s'], 1e6)} µs",
             "",
             "",
         ),
         (
-            "naive ÷ EventFrame `append()`",
-            f"{naive / append_cost:,.0f}×",
+            f"EventFrame `append()` on the same {naive_count:,}",
+            f"{spread(raw['append_small_s'], 1e6, '.2f')} µs",
             "",
             "",
         ),
+        ("naive ÷ EventFrame `append()`, same run", f"{spread(ratios_small)}×", "", ""),
         (
-            "naive ÷ EventFrame (`append()` + one `.df` at the end)",
-            f"{naive / amortised:,.0f}×",
+            f"naive ÷ EventFrame (`append()` + one `.df`), at {count:,}",
+            f"{median(raw['naive_s']) / (median(raw['append_s']) + df_wall / count):,.0f}×",
             "",
             "",
         ),
     ]
+    lines = [
+        f"#### Run of {started} (git {git_revision()})",
+        "",
+        f"`{command}`",
+        "",
+        f"Machine: {machine()}; load average {load_start[0]:.2f} at start, "
+        f"{load_end[0]:.2f} at end"
+        + ("" if other is None else f"; other processes used {other:.0f}% of one core")
+        + f". {count:,} events × {reps} repetitions (median, with min–max).",
+        "",
+        "| measure | result | target | |",
+        "|---|---|---|---|",
+        *("| " + " | ".join(cells) + " |" for cells in rows),
+        "",
+        f"The naive cost per event grows with the frame (each concat copies it): the figure at "
+        f"{naive_count:,} events understates it at {count:,}.",
+    ]
+    report = "\n".join(lines)
     print()
-    print("| measure | result | target | |")
-    print("|---|---|---|---|")
-    for cells in rows:
-        print("| " + " | ".join(cells) + " |")
-    print()
-    print("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
-    print(
-        f"note: the naive cost grows with the frame (each concat copies it), so its per-event "
-        f"figure at {naive_count:,} events understates it at {count:,}."
-    )
+    print(report)
+
+    if not args.no_save:
+        results = Path(__file__).resolve().parent / "results"
+        results.mkdir(exist_ok=True)
+        stem = results / time.strftime("frame-%Y%m%d-%H%M%S")
+        stem.with_suffix(".md").write_text(report + "\n", encoding="utf-8")
+        stem.with_suffix(".json").write_text(
+            json.dumps(
+                {
+                    "command": command,
+                    "machine": machine(),
+                    "git": git_revision(),
+                    "events": count,
+                    "repetitions": reps,
+                    "naive_events": naive_count,
+                    "memory_events": memory_count,
+                    "load_average_start": load_start,
+                    "load_average_end": load_end,
+                    "other_cpu_percent": other,
+                    "memory_bytes_per_event": per_event_memory,
+                    "data_dict_bytes_per_event": data_memory,
+                    "raw": raw,
+                },
+                indent=2,
+            ),
+            encoding="utf-8",
+        )
+        print(f"\nsaved {stem}.md and .json")
     return 0 if all(cells[3] != "MISSED" for cells in rows) else 1
 
 

@@ -42,7 +42,7 @@ from enum import Enum
 from itertools import islice
 from os import PathLike
 from time import time as _now
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, cast, overload
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -67,19 +67,7 @@ COLUMNS: tuple[str, ...] = (
 )
 
 # Buffered fields, in storage order (latency_ms is derived on read).
-_FIELDS: tuple[str, ...] = (
-    "received_at",
-    "type",
-    "event_id",
-    "seq",
-    "epoch",
-    "timestamp",
-    "source_agent_id",
-    "circle_id",
-    "project_id",
-    "data",
-    "client_id",
-)
+_FIELDS: tuple[str, ...] = tuple(c for c in COLUMNS if c != "latency_ms")
 _ID_COLUMNS = ("seq", "source_agent_id", "circle_id", "project_id")
 _TIME_COLUMNS = ("received_at", "timestamp")
 _TEXT_COLUMNS = ("type", "event_id", "epoch", "client_id")
@@ -463,6 +451,13 @@ class EventFrame:
                 result = result.asfreq(freq, fill_value=0)
         result.index.name = on
         return result.astype("int64")
+
+    @overload
+    def latency(self, percentiles: Sequence[float] = ..., by: None = None) -> pd.Series: ...
+    @overload
+    def latency(self, percentiles: Sequence[float], by: str | Sequence[str]) -> pd.DataFrame: ...
+    @overload
+    def latency(self, *, by: str | Sequence[str]) -> pd.DataFrame: ...
 
     def latency(
         self,

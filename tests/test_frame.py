@@ -485,6 +485,7 @@ def exportable() -> EventFrame:
 
 
 def test_parquet_round_trip(exportable: EventFrame, tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow")
     path = tmp_path / "events.parquet"
     exportable.to_parquet(path)
     back = read_parquet(path)
@@ -494,6 +495,7 @@ def test_parquet_round_trip(exportable: EventFrame, tmp_path: Path) -> None:
 
 
 def test_parquet_round_trip_with_mixed_ids(tmp_path: Path) -> None:
+    pytest.importorskip("pyarrow")
     frame = EventFrame()
     frame.append(event(1, circle_id="c-1"), received_at=T0)
     frame.append(event(2, circle_id=2), received_at=T0)
