@@ -7,17 +7,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
-from . import __version__
-from .exceptions import GatheringLabError
+from . import __version__, protocol
+from .demo import DEFAULT_URL, TOKEN_ENV, DemoResult, run_demo, ws_url
+from .exceptions import GatheringLabError, ProtocolError
+from .listen import format_event, listen_messages
 
 __all__ = ["main"]
 
@@ -62,8 +67,8 @@ def _seconds(text: str) -> float:
 
 def _scope_id(text: str) -> int | str:
     text = text.strip()
-    if not text:
-        raise argparse.ArgumentTypeError("an id must not be empty")
+    if not text or len(text) > 128:
+        raise argparse.ArgumentTypeError(f"invalid id {text!r}: expected 1-128 characters")
     return int(text) if re.fullmatch(r"-?\d+", text) else text
 
 
@@ -136,6 +141,242 @@ def _add_token_parser(commands: Any) -> None:
     _add_log_level(token, default="warning")
 
 
+# demo
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid rate {text!r}: events per second") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"invalid rate {text!r}: must be >= 0 (0 = no limit)")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type for an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid count {value}: must be at least 1")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: expected an integer") from None
+
+
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url", type=ws_url, default=DEFAULT_URL, help=f"server WebSocket URL ({DEFAULT_URL})"
+    )
+    parser.add_argument(
+        "--rate", type=_rate, default=5.0, help="events per second (default 5; 0 = no limit)"
+    )
+    parser.add_argument(
+        "--count", type=_positive_int, default=None, help="stop after N events (default: Ctrl+C)"
+    )
+    parser.add_argument("--seed", type=_seed, default=0, help="story seed (default 0)")
+    parser.add_argument(
+        "--client-id",
+        default=None,
+        help="client id (default: the URL's client_id, the token's subject, else 'demo')",
+    )
+    _add_token_argument(parser)
+
+
+def _add_token_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token",
+        default=None,
+        help=f"JWT for a server with authentication, sent as a Bearer header "
+        f"(default: ${TOKEN_ENV}, which keeps it out of the process list)",
+    )
+
+
+def _progress_line(result: DemoResult) -> str:
+    return (
+        f"demo: {result.sent} sent, {result.acked} acked, {result.errors} errors, "
+        f"{result.rate:.1f} ev/s"
+    )
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    """Run ``gathering-lab demo``: publish until ``--count`` or Ctrl+C, progress on stderr.
+
+    Exit status: 0 when every publish was acknowledged, 1 when the server refused
+    or did not answer some (connection failures raise ConnectionFailed).
+    """
+    err = sys.stderr
+    tty = err.isatty()
+    state: dict[str, Any] = {"result": None, "open_line": False}
+
+    def show(result: DemoResult) -> None:
+        if state["result"] is None:
+            state["result"] = result
+            server = result.greeting.get("server", "server")
+            pace = f"{args.rate:g} ev/s" if args.rate else "no rate limit"
+            print(
+                f"demo: connected to {args.url} as {result.greeting.get('client_id')} "
+                f"({server}), {pace}",
+                file=err,
+                flush=True,
+            )
+            return
+        if tty:
+            print(f"\r{_progress_line(result)}\x1b[K", end="", file=err, flush=True)
+            state["open_line"] = True
+        else:
+            print(_progress_line(result), file=err, flush=True)
+
+    def end_line() -> None:
+        if state["open_line"]:
+            print(file=err, flush=True)
+            state["open_line"] = False
+
+    token = args.token or os.environ.get(TOKEN_ENV)
+    client_id = args.client_id
+    if client_id is None and not token and "client_id" not in parse_qs(urlsplit(args.url).query):
+        client_id = "demo"  # with a token, the server names the client after its subject
+    try:
+        result = await run_demo(
+            args.url,
+            count=args.count,
+            rate=args.rate,
+            client_id=client_id,
+            seed=args.seed,
+            token=token,
+            progress=show,
+        )
+    except asyncio.CancelledError:  # Ctrl+C: say where we stopped, then let cli exit 130
+        end_line()
+        if state["result"] is not None:
+            print(_progress_line(state["result"]), file=err, flush=True)
+        raise
+    except BaseException:
+        end_line()
+        raise
+    end_line()
+    if result.errors:
+        print(
+            f"demo: the server refused {result.errors} of {result.sent} publishes "
+            f"(last: {result.last_error})",
+            file=err,
+            flush=True,
+        )
+    if result.unanswered:
+        print(f"demo: {result.unanswered} publishes were not answered", file=err, flush=True)
+    return 1 if result.errors or result.unanswered else 0
+
+
+# listen
+def _pattern(text: str) -> str:
+    try:
+        return protocol.check_pattern(text)
+    except ProtocolError as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def _add_listen_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "url", nargs="?", type=ws_url, default=DEFAULT_URL, help=f"server URL ({DEFAULT_URL})"
+    )
+    parser.add_argument(
+        "--type",
+        dest="types",
+        action="append",
+        type=_pattern,
+        metavar="PATTERN",
+        help="only these event types: task.created, task.* or * (repeatable)",
+    )
+    parser.add_argument("--circle", type=_scope_id, metavar="ID", help="only this circle_id")
+    parser.add_argument("--project", type=_scope_id, metavar="ID", help="only this project_id")
+    parser.add_argument(
+        "--client-id",
+        default=None,
+        help="client id (default: the URL's client_id, the token's subject, else listen-PID)",
+    )
+    _add_token_argument(parser)
+    parser.add_argument(
+        "--json", action="store_true", help="print each message as one JSON line (for jq)"
+    )
+    parser.add_argument(
+        "--count", type=_positive_int, default=None, help="exit after N events (default: Ctrl+C)"
+    )
+
+
+def _width() -> int:
+    if sys.stdout.isatty():
+        return max(60, shutil.get_terminal_size().columns)
+    return 200
+
+
+def _error_text(message: dict[str, Any]) -> str:
+    data = message.get("data") or {}
+    if isinstance(data, dict):
+        return f"{data.get('code', 'error')}: {data.get('message', '')}"
+    return str(data)
+
+
+async def _listen(args: argparse.Namespace) -> int:
+    """Run ``gathering-lab listen``: status on stderr, one line (or JSON) per event on stdout."""
+    out, err = sys.stdout, sys.stderr
+    filters = protocol.Filters(tuple(args.types or ("*",)), args.circle, args.project)
+    if "*" in filters.event_types:
+        filters = protocol.Filters(("*",), args.circle, args.project)
+    token = args.token or os.environ.get(TOKEN_ENV)
+    client_id = args.client_id
+    if client_id is None and not token and "client_id" not in parse_qs(urlsplit(args.url).query):
+        client_id = f"listen-{os.getpid()}"  # with a token, the server names us after its sub
+    width = _width()
+    seen = 0
+    feed = listen_messages(args.url, filters=filters, client_id=client_id, token=token)
+    try:
+        async with contextlib.aclosing(feed):
+            async for kind, message in feed:
+                if kind == "error":
+                    print(f"listen: server error: {_error_text(message)}", file=err, flush=True)
+                    continue
+                if args.json:
+                    print(protocol.encode(message).decode(), file=out, flush=True)
+                if kind == "event":
+                    if not args.json:
+                        print(format_event(message, width), file=out, flush=True)
+                    seen += 1
+                    if args.count is not None and seen >= args.count:
+                        return 0
+                elif kind == "connected":
+                    data = message.get("data") or {}
+                    server = data.get("server", "server")
+                    print(
+                        f"listen: connected to {args.url} as {data.get('client_id')} ({server})",
+                        file=err,
+                        flush=True,
+                    )
+                elif kind == "subscribed":
+                    logger.info("the server filters for us: %s", message.get("data"))
+                elif kind == "subscribe_refused":
+                    print(
+                        "listen: the server does not support subscribe "
+                        f"({_error_text(message)}); filtering locally",
+                        file=err,
+                        flush=True,
+                    )
+    except BrokenPipeError:  # `gathering-lab listen | head`
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, out.fileno())
+        return 0
+    except asyncio.CancelledError:
+        print(f"listen: stopped after {seen} events", file=err, flush=True)
+        raise
+    return 0  # pragma: no cover - the feed only ends by raising ConnectionFailed
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gathering-lab",
@@ -179,9 +420,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_auth_arguments(serve)
     _add_log_level(serve)
 
-    from . import demo as demo_module
-
-    demo_module.add_arguments(
+    _add_demo_arguments(
         commands.add_parser(
             "demo",
             help="publish realistic agent/task/circle traffic to a server",
@@ -190,9 +429,7 @@ def _build_parser() -> argparse.ArgumentParser:
             "test_websocket_integration.py does.",
         )
     )
-    from . import listen as listen_module
-
-    listen_module.add_arguments(
+    _add_listen_arguments(
         commands.add_parser(
             "listen",
             help="print a server's live events",
@@ -331,13 +568,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "serve":
             return asyncio.run(_serve(args))
         if args.command == "demo":
-            from .demo import run_cli as run_demo
-
-            return asyncio.run(run_demo(args))
+            return asyncio.run(_demo(args))
         if args.command == "listen":
-            from .listen import run_cli as run_listen
-
-            return asyncio.run(run_listen(args))
+            return asyncio.run(_listen(args))
         if args.command == "token":
             return _token(args)
     except GatheringLabError as exc:

@@ -10,13 +10,12 @@ tasks collide or the system warns. The same seed always gives the same story.
 
     from gathering_lab.demo import demo_messages, publish_demo, run_demo
 
-    for payload in demo_messages(5):          # publish payloads, no I/O
-        print(payload["type"], payload["data"])
+    kinds = [p["type"] for p in demo_messages(5)]   # publish payloads, no I/O
 
     await publish_demo(bus, 100)              # onto an in-process EventBus
     result = await run_demo("ws://127.0.0.1:8000/ws/dashboard", count=100, rate=0)
 
-``gathering-lab demo`` is the command-line face of :func:`run_demo`.
+``gathering-lab demo`` (in :mod:`gathering_lab.cli`) is the command-line face of :func:`run_demo`.
 """
 
 from __future__ import annotations
@@ -26,15 +25,13 @@ import asyncio
 import heapq
 import itertools
 import logging
-import os
 import random
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import (
@@ -52,15 +49,11 @@ __all__ = [
     "DEFAULT_URL",
     "TOKEN_ENV",
     "DemoResult",
-    "add_arguments",
-    "add_token_argument",
     "closed_message",
     "demo_messages",
     "open_connection",
-    "positive_int",
     "publish_demo",
     "publish_message",
-    "run_cli",
     "run_demo",
     "with_client_id",
     "ws_url",
@@ -969,139 +962,3 @@ async def run_demo(
             result.elapsed = time.monotonic() - started
         report()
     return result
-
-
-# Command line
-
-
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid rate {text!r}: events per second") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"invalid rate {text!r}: must be >= 0 (0 = no limit)")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """An argparse type for an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid count {value}: must be at least 1")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid seed {text!r}: expected an integer") from None
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``demo`` command's arguments."""
-    parser.add_argument(
-        "--url", type=ws_url, default=DEFAULT_URL, help=f"server WebSocket URL ({DEFAULT_URL})"
-    )
-    parser.add_argument(
-        "--rate", type=_rate, default=5.0, help="events per second (default 5; 0 = no limit)"
-    )
-    parser.add_argument(
-        "--count", type=positive_int, default=None, help="stop after N events (default: Ctrl+C)"
-    )
-    parser.add_argument("--seed", type=_seed, default=0, help="story seed (default 0)")
-    parser.add_argument(
-        "--client-id",
-        default=None,
-        help="client id (default: the URL's client_id, the token's subject, else 'demo')",
-    )
-    add_token_argument(parser)
-
-
-def add_token_argument(parser: argparse.ArgumentParser) -> None:
-    """Add ``--token`` (a JWT for servers with authentication; default: $GATHERING_LAB_TOKEN)."""
-    parser.add_argument(
-        "--token",
-        default=None,
-        help=f"JWT for a server with authentication, sent as a Bearer header "
-        f"(default: ${TOKEN_ENV}, which keeps it out of the process list)",
-    )
-
-
-def _progress_line(result: DemoResult) -> str:
-    return (
-        f"demo: {result.sent} sent, {result.acked} acked, {result.errors} errors, "
-        f"{result.rate:.1f} ev/s"
-    )
-
-
-async def run_cli(args: argparse.Namespace) -> int:
-    """Run ``gathering-lab demo``: publish until ``--count`` or Ctrl+C, progress on stderr.
-
-    Exit status: 0 when every publish was acknowledged, 1 when the server refused
-    or did not answer some (connection failures raise ConnectionFailed).
-    """
-    err = sys.stderr
-    tty = err.isatty()
-    state: dict[str, Any] = {"result": None, "open_line": False}
-
-    def show(result: DemoResult) -> None:
-        if state["result"] is None:
-            state["result"] = result
-            server = result.greeting.get("server", "server")
-            pace = f"{args.rate:g} ev/s" if args.rate else "no rate limit"
-            print(
-                f"demo: connected to {args.url} as {result.greeting.get('client_id')} "
-                f"({server}), {pace}",
-                file=err,
-                flush=True,
-            )
-            return
-        if tty:
-            print(f"\r{_progress_line(result)}\x1b[K", end="", file=err, flush=True)
-            state["open_line"] = True
-        else:
-            print(_progress_line(result), file=err, flush=True)
-
-    def end_line() -> None:
-        if state["open_line"]:
-            print(file=err, flush=True)
-            state["open_line"] = False
-
-    token = args.token or os.environ.get(TOKEN_ENV)
-    client_id = args.client_id
-    if client_id is None and not token and "client_id" not in parse_qs(urlsplit(args.url).query):
-        client_id = "demo"  # with a token, the server names the client after its subject
-    try:
-        result = await run_demo(
-            args.url,
-            count=args.count,
-            rate=args.rate,
-            client_id=client_id,
-            seed=args.seed,
-            token=token,
-            progress=show,
-        )
-    except asyncio.CancelledError:  # Ctrl+C: say where we stopped, then let cli exit 130
-        end_line()
-        if state["result"] is not None:
-            print(_progress_line(state["result"]), file=err, flush=True)
-        raise
-    except BaseException:
-        end_line()
-        raise
-    end_line()
-    if result.errors:
-        print(
-            f"demo: the server refused {result.errors} of {result.sent} publishes "
-            f"(last: {result.last_error})",
-            file=err,
-            flush=True,
-        )
-    if result.unanswered:
-        print(f"demo: {result.unanswered} publishes were not answered", file=err, flush=True)
-    return 1 if result.errors or result.unanswered else 0

@@ -5,53 +5,41 @@
     async with contextlib.aclosing(listen_messages(url, filters=Filters(("task.*",)))) as feed:
         async for kind, message in feed:
             if kind == "event":
-                print(format_event(message))
+                lines.append(format_event(message))
 
 Filters are sent to the server as a ``subscribe`` message *and* applied here,
 so the tail is right even against a server that only speaks the guide's
 original protocol (which answers ``subscribe`` with an error, or not at all).
 
-``gathering-lab listen`` is the command-line face of :func:`listen_messages`.
+``gathering-lab listen`` (in :mod:`gathering_lab.cli`) is the command-line face of
+:func:`listen_messages`.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
 import contextlib
 import json
 import logging
-import os
-import re
-import shutil
-import sys
 from collections.abc import AsyncGenerator
 from datetime import datetime
 from typing import Any, Literal
-from urllib.parse import parse_qs, urlsplit
 
 from websockets.exceptions import ConnectionClosed
 
 from . import protocol
 from .demo import (
     DEFAULT_URL,
-    TOKEN_ENV,
-    add_token_argument,
     closed_message,
     open_connection,
-    positive_int,
-    ws_url,
 )
 from .exceptions import ConnectionFailed, ProtocolError
 
 __all__ = [
     "CONTROL_TYPES",
     "MessageKind",
-    "add_arguments",
     "event_matches",
     "format_event",
     "listen_messages",
-    "run_cli",
 ]
 
 logger = logging.getLogger("gathering_lab.listen")
@@ -188,117 +176,3 @@ async def listen_messages(
             raise ConnectionFailed(closed_message(url, exc)) from None
         close = ws.protocol.close_rcvd
         raise ConnectionFailed(closed_message(url, ConnectionClosed(close, None)))
-
-
-# Command line
-
-
-def _pattern(text: str) -> str:
-    try:
-        return protocol.check_pattern(text)
-    except ProtocolError as exc:
-        raise argparse.ArgumentTypeError(exc.message) from None
-
-
-def _scope_id(text: str) -> int | str:
-    text = text.strip()
-    if not text or len(text) > 128:
-        raise argparse.ArgumentTypeError(f"invalid id {text!r}: expected 1-128 characters")
-    return int(text) if re.fullmatch(r"-?\d+", text) else text
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``listen`` command's arguments."""
-    parser.add_argument(
-        "url", nargs="?", type=ws_url, default=DEFAULT_URL, help=f"server URL ({DEFAULT_URL})"
-    )
-    parser.add_argument(
-        "--type",
-        dest="types",
-        action="append",
-        type=_pattern,
-        metavar="PATTERN",
-        help="only these event types: task.created, task.* or * (repeatable)",
-    )
-    parser.add_argument("--circle", type=_scope_id, metavar="ID", help="only this circle_id")
-    parser.add_argument("--project", type=_scope_id, metavar="ID", help="only this project_id")
-    parser.add_argument(
-        "--client-id",
-        default=None,
-        help="client id (default: the URL's client_id, the token's subject, else listen-PID)",
-    )
-    add_token_argument(parser)
-    parser.add_argument(
-        "--json", action="store_true", help="print each message as one JSON line (for jq)"
-    )
-    parser.add_argument(
-        "--count", type=positive_int, default=None, help="exit after N events (default: Ctrl+C)"
-    )
-
-
-def _width() -> int:
-    if sys.stdout.isatty():
-        return max(60, shutil.get_terminal_size().columns)
-    return 200
-
-
-def _error_text(message: dict[str, Any]) -> str:
-    data = message.get("data") or {}
-    if isinstance(data, dict):
-        return f"{data.get('code', 'error')}: {data.get('message', '')}"
-    return str(data)
-
-
-async def run_cli(args: argparse.Namespace) -> int:
-    """Run ``gathering-lab listen``: status on stderr, one line (or JSON) per event on stdout."""
-    out, err = sys.stdout, sys.stderr
-    filters = protocol.Filters(tuple(args.types or ("*",)), args.circle, args.project)
-    if "*" in filters.event_types:
-        filters = protocol.Filters(("*",), args.circle, args.project)
-    token = args.token or os.environ.get(TOKEN_ENV)
-    client_id = args.client_id
-    if client_id is None and not token and "client_id" not in parse_qs(urlsplit(args.url).query):
-        client_id = f"listen-{os.getpid()}"  # with a token, the server names us after its sub
-    width = _width()
-    seen = 0
-    feed = listen_messages(args.url, filters=filters, client_id=client_id, token=token)
-    try:
-        async with contextlib.aclosing(feed):
-            async for kind, message in feed:
-                if kind == "error":
-                    print(f"listen: server error: {_error_text(message)}", file=err, flush=True)
-                    continue
-                if args.json:
-                    print(protocol.encode(message).decode(), file=out, flush=True)
-                if kind == "event":
-                    if not args.json:
-                        print(format_event(message, width), file=out, flush=True)
-                    seen += 1
-                    if args.count is not None and seen >= args.count:
-                        return 0
-                elif kind == "connected":
-                    data = message.get("data") or {}
-                    server = data.get("server", "server")
-                    print(
-                        f"listen: connected to {args.url} as {data.get('client_id')} ({server})",
-                        file=err,
-                        flush=True,
-                    )
-                elif kind == "subscribed":
-                    logger.info("the server filters for us: %s", message.get("data"))
-                elif kind == "subscribe_refused":
-                    print(
-                        "listen: the server does not support subscribe "
-                        f"({_error_text(message)}); filtering locally",
-                        file=err,
-                        flush=True,
-                    )
-    except BrokenPipeError:  # `gathering-lab listen | head`
-        with contextlib.suppress(OSError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, out.fileno())
-        return 0
-    except asyncio.CancelledError:
-        print(f"listen: stopped after {seen} events", file=err, flush=True)
-        raise
-    return 0  # pragma: no cover - the feed only ends by raising ConnectionFailed

@@ -3,7 +3,7 @@
 ::
 
     async with serve(port=0) as server:
-        print(server.url)          # ws://127.0.0.1:PORT/ws/dashboard
+        server.url                 # ws://127.0.0.1:PORT/ws/dashboard
 
     server = await serve(port=8000)
     server.close()
