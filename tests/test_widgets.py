@@ -140,6 +140,31 @@ async def test_connect_panel_reports_bad_url_and_refused_connection(
     assert "connection refused" in panel.status_label.value
 
 
+async def test_connect_panel_sends_a_token(
+    bus: EventBus, manager: ConnectionManager, closing: Callable[..., Any]
+) -> None:
+    from gathering_lab.auth import JWTAuth, mint_token
+
+    secret = "s" * 32
+    lab = gl.start(port=0, bus=bus, manager=manager, auth=JWTAuth(secret))
+    try:
+        await lab.wait_started()
+        panel = closing(ConnectPanel(lab))
+        panel.connect_button.click()  # no token: refused before any event
+        await wait_for(lambda: panel.status.startswith("failed"))
+        assert "1008" in panel.status
+        panel.token_input.value = mint_token(secret, "alice", ["subscribe"], circles=[1])
+        panel.connect_button.click()
+        await wait_for(lambda: panel.status == "connected")
+        client = panel.controller.client
+        assert client is not None and client.client_id == "alice"  # the token names it
+        assert [s["client_id"] for s in lab.stats()["clients"]] == ["alice"]
+        panel.disconnect_button.click()
+        await wait_for(lambda: panel.status == "closed")
+    finally:
+        lab.stop()
+
+
 # Publish
 
 

@@ -250,14 +250,24 @@ class Controller(HasTraits):
         url: str | None = None,
         client_id: str = "workbench",
         on_done: Callable[[concurrent.futures.Future[Any]], None] | None = None,
+        *,
+        token: str | None = None,
     ) -> concurrent.futures.Future[Any]:
-        """Connect a client to ``url`` (default: the lab's) and make it the panels' client."""
-        return self.submit(self._connect(url or self.default_url, client_id), on_done)
+        """Connect a client to ``url`` (default: the lab's) and make it the panels' client.
 
-    async def _connect(self, url: str, client_id: str) -> LabClient:
+        ``token`` is a JWT for a server with authentication.
+        """
+        return self.submit(self._connect(url or self.default_url, client_id, token), on_done)
+
+    async def _connect(self, url: str, client_id: str, token: str | None = None) -> LabClient:
         url = check_ws_url(url)
         old = self.client
-        if old is not None and same_server(old.url, url) and old.client_id == client_id:
+        if (
+            old is not None
+            and same_server(old.url, url)
+            and old.client_id == client_id
+            and old.token == token
+        ):
             if not old.connected:
                 self.status = "connecting"
                 await old.connect()
@@ -268,9 +278,9 @@ class Controller(HasTraits):
         self.status = "connecting"
         try:
             if self.lab is not None and self.lab.running and same_server(url, self.lab.url):
-                client = await self.lab.connect(client_id)  # also closed by lab.stop()
+                client = await self.lab.connect(client_id, token=token)  # closed by lab.stop()
             else:
-                client = LabClient(url, client_id, reconnect=True)
+                client = LabClient(url, client_id, token=token, reconnect=True)
                 await client.connect()
         except Exception as exc:
             self.status = f"failed: {error_text(exc)}"

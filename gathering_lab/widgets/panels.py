@@ -93,6 +93,12 @@ class ConnectPanel(Panel):
             description="client id",
             layout=_ID_LAYOUT,
         )
+        self.token_input = widgets.Password(
+            value="",
+            description="token",
+            placeholder="only if the server uses tokens",
+            layout=_ID_LAYOUT,
+        )
         self.connect_button = widgets.Button(
             description="Connect", button_style="success", icon="plug"
         )
@@ -102,13 +108,20 @@ class ConnectPanel(Panel):
         self._own(
             self.url_input,
             self.client_id_input,
+            self.token_input,
             self.connect_button,
             self.disconnect_button,
             self.status_label,
             self.error_label,
         )
         row = widgets.HBox(
-            [self.url_input, self.client_id_input, self.connect_button, self.disconnect_button]
+            [
+                self.url_input,
+                self.client_id_input,
+                self.token_input,
+                self.connect_button,
+                self.disconnect_button,
+            ]
         )
         self._own(row)
         self.children = [row, widgets.HBox([self.status_label, self.error_label])]
@@ -143,8 +156,11 @@ class ConnectPanel(Panel):
         if not self._check_url():
             return
         client_id = self.client_id_input.value.strip() or "workbench"
+        token = self.token_input.value.strip() or None
         self.connect_button.disabled = True
-        self.controller.connect(self.url_input.value, client_id, on_done=self._connected)
+        self.controller.connect(
+            self.url_input.value, client_id, token=token, on_done=self._connected
+        )
 
     def _connected(self, future: concurrent.futures.Future[Any]) -> None:
         self.connect_button.disabled = False
