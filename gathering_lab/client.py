@@ -133,6 +133,7 @@ class LabClient:
         self.close_reason: str | None = None
 
         self._filters: protocol.Filters | None = None
+        self._restarted = False
         self._ws: ClientConnection | None = None
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -429,7 +430,8 @@ class LabClient:
         if self.frame.client_id is None and self.client_id:
             self.frame.client_id = self.client_id
         epoch = data.get("epoch")
-        if self.epoch is not None and epoch is not None and epoch != self.epoch:
+        self._restarted = self.epoch is not None and epoch is not None and epoch != self.epoch
+        if self._restarted:
             self.restarts += 1
             self._mark(
                 "lab.server.restarted",
@@ -449,7 +451,8 @@ class LabClient:
             message = protocol.Subscribe(self._filters).to_message()
             await ws.send(protocol.encode(message).decode())
         self._connected.set()
-        self._set_status("connected")
+        # Shown until the next change, so a restart is never silent.
+        self._set_status("connected (server restarted)" if self._restarted else "connected")
         if self._first_attempt is not None and not self._first_attempt.done():
             self._first_attempt.set_result(None)
 

@@ -124,6 +124,7 @@ async def test_server_restart_is_detected_and_shown(bus: EventBus) -> None:
         await bus.publish(Event(type="after.restart"))
         await client.wait_for_events(3)
         assert client.restarts == 1
+        assert client.status == "connected (server restarted)"
         assert client.epoch == bus.epoch != old_epoch
         types = client.frame.df["type"].tolist()
         # Nothing of the new run is lost, and the restart is a row of its own.
