@@ -41,6 +41,8 @@ demo: install  ## publish demo traffic to the server on PORT
 bench: install  ## run the benchmarks (several minutes)
 	$(PY) benchmarks/fanout.py
 	$(PY) benchmarks/frame_bench.py
+	$(PY) benchmarks/compression.py
+	$(PY) benchmarks/kernel_start.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
