@@ -27,8 +27,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import time
+import urllib.error
+import urllib.request
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -41,10 +44,10 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from . import protocol
 from .auth import install_redaction
 from .events import EventType
-from .exceptions import ConnectionFailed, ProtocolError
+from .exceptions import AuthError, ConnectionFailed, ProtocolError
 from .frame import EventFrame
 
-__all__ = ["LabClient", "connect"]
+__all__ = ["LabClient", "connect", "http_url"]
 
 logger = logging.getLogger("gathering_lab.client")
 #: websockets logs the request (headers included) here at DEBUG: tokens are redacted.
@@ -67,6 +70,31 @@ CONTROL_TYPES = frozenset(
 FINAL_CLOSE_CODES = frozenset({1003, 1007, 1008, 1009})
 
 EventCallback = Callable[[dict[str, Any]], None]
+
+
+def http_url(ws_url: str, path: str = "/") -> str:
+    """The ``http(s)://`` URL of ``path`` on the server a ``ws(s)://`` URL points at."""
+    parts = urlsplit(ws_url)
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme)
+    if scheme is None or not parts.netloc:
+        raise ValueError(f"not a WebSocket URL: {ws_url!r}")
+    return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+def _get_json(url: str, token: str | None, timeout: float) -> Any:
+    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            return json.loads(response.read().decode())
+    except urllib.error.HTTPError as exc:
+        detail = f"GET {url}: {exc.code} {exc.reason}"
+        if exc.code in (401, 403):
+            raise AuthError(f"{detail} (the stats need a token with the admin role)") from None
+        raise ConnectionFailed(detail) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise ConnectionFailed(f"GET {url}: {getattr(exc, 'reason', exc)}") from None
 
 
 def _with_query(url: str, **params: Any) -> str:
@@ -272,6 +300,29 @@ class LabClient:
         """Receive everything again."""
         self._filters = None
         return await self._request("subscribed", protocol.Unsubscribe().to_message())
+
+    async def authenticate(self, token: str) -> dict[str, Any] | None:
+        """Present a fresh token on the open connection (e.g. before the old one expires).
+
+        Returns the server's ``authenticated`` ack; the token is also used for reconnects.
+        Raises ProtocolError (``unauthorized``, ``forbidden``) if the server refuses it.
+        """
+        if not isinstance(token, str) or not token:
+            raise ValueError("token must be a non-empty string")
+        ack = await self._request("authenticated", protocol.Auth(token).to_message())
+        self.token = token
+        return ack
+
+    async def fetch_stats(self) -> dict[str, Any]:
+        """GET the server's ``/admin/websocket/stats`` (with this client's token, if any).
+
+        Raises AuthError without the admin role, ConnectionFailed if the server cannot answer.
+        """
+        url = http_url(self.url, "/admin/websocket/stats")
+        stats = await asyncio.to_thread(_get_json, url, self.token, self.request_timeout)
+        if not isinstance(stats, dict):
+            raise ConnectionFailed(f"GET {url}: expected a JSON object, got {stats!r:.80}")
+        return stats
 
     async def wait_for_events(self, count: int, timeout: float = 10.0) -> int:
         """Wait until at least ``count`` events were received in all; returns the total."""

@@ -261,3 +261,42 @@ async def test_on_event_callbacks(server: Server, bus: EventBus) -> None:
         await client.wait_for_events(2)
         assert seen == ["a.b"]
         await client.close()
+
+
+async def test_fetch_stats(client: LabClient) -> None:
+    stats = await client.fetch_stats()
+    assert stats["active_connections"] == 1
+    assert stats["clients"][0]["client_id"] == "nb"
+
+
+async def test_fetch_stats_unreachable_fails_clearly() -> None:
+    client = LabClient(f"ws://127.0.0.1:{free_port()}/ws/dashboard")
+    with pytest.raises(ConnectionFailed, match="GET http://127.0.0.1:.*/admin/websocket/stats"):
+        await client.fetch_stats()
+
+
+async def test_tokens_stats_and_refresh(bus: EventBus) -> None:
+    from gathering_lab.auth import JWTAuth, mint_token
+    from gathering_lab.exceptions import AuthError, ProtocolError
+
+    secret = "k" * 32
+    async with running_server(bus=bus, auth=JWTAuth(secret)) as server:
+        reader = await connect(server.url, token=mint_token(secret, "ann", ["subscribe"]))
+        try:
+            assert reader.client_id == "ann"
+            with pytest.raises(AuthError, match="403"):
+                await reader.fetch_stats()
+            # A fresh token on the open connection: acknowledged, and kept for reconnects.
+            fresh = mint_token(secret, "ann", ["subscribe", "admin"], ttl="2h")
+            ack = await reader.authenticate(fresh)
+            assert ack is not None and ack["roles"] == ["admin", "subscribe"]
+            assert reader.token == fresh
+            assert (await reader.fetch_stats())["active_connections"] == 1
+            with pytest.raises(ProtocolError) as info:
+                await reader.authenticate(mint_token(secret, "bob", ["subscribe"]))
+            assert info.value.code == "forbidden"
+            assert reader.token == fresh and reader.connected
+            with pytest.raises(ValueError, match="token"):
+                await reader.authenticate("")
+        finally:
+            await reader.close()

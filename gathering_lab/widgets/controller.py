@@ -19,12 +19,12 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from traitlets import Float, HasTraits, Instance, TraitError, Unicode, observe, validate
 
 from .. import kernel, protocol
-from ..client import LabClient
+from ..client import LabClient, http_url
 from ..exceptions import ConnectionFailed, ProtocolError
 from ..frame import EventFrame
 from ..kernel import Lab
@@ -66,11 +66,7 @@ def parse_id(text: str, name: str = "id") -> int | str | None:
 
 def stats_url(ws_url: str) -> str:
     """The ``/admin/websocket/stats`` URL of the server a WebSocket URL points at."""
-    parts = urlsplit(ws_url)
-    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme)
-    if scheme is None or not parts.netloc:
-        raise ValueError(f"not a WebSocket URL: {ws_url!r}")
-    return urlunsplit((scheme, parts.netloc, "/admin/websocket/stats", "", ""))
+    return http_url(ws_url, "/admin/websocket/stats")
 
 
 def check_ws_url(url: str) -> str:

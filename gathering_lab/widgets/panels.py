@@ -7,12 +7,10 @@ controller, whose done-callbacks show the outcome by setting widget traits.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import html
 import json
 import time
-import urllib.request
 from typing import Any
 
 import ipywidgets as widgets
@@ -436,14 +434,6 @@ class FilterPanel(Panel):
         )
 
 
-def _http_get_json(url: str, token: str | None, timeout: float) -> Any:
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - ws URL
-        return json.loads(response.read().decode())
-
-
 _HEADLINE = ("active_connections", "total_connections", "total_messages_sent", "total_broadcasts")
 _BUS = ("events_published", "events_delivered", "handler_errors", "history_size", "last_seq")
 _CLIENT = ("client_id", "connected_at", "messages_sent", "messages_received", "pending_bytes")
@@ -508,11 +498,8 @@ class StatsPanel(Panel):
         if source == "none":
             raise RuntimeError("not connected: no lab and no client to ask")
         client = self.controller.client
-        token = client.token if client is not None else None
-        result = await asyncio.to_thread(_http_get_json, source, token, 5.0)
-        if not isinstance(result, dict):
-            raise ValueError(f"unexpected stats from {source}: {result!r:.80}")
-        return result
+        assert client is not None
+        return await client.fetch_stats()
 
     def _fetched(self, future: concurrent.futures.Future[Any]) -> None:
         self._busy = False
