@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install the package with its extras
 
+# Jupyter refuses to run as root unless told; containers and CI machines often are root.
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
+
 lab: install  ## open JupyterLab on the quick-start notebook
-	$(VENV)/bin/jupyter lab notebooks/01_quickstart.ipynb
+	$(VENV)/bin/jupyter lab $(ROOT_FLAG) notebooks/01_quickstart.ipynb
 
 test: install check pytest  ## lint, type-check, then every test including the notebooks
 

@@ -94,7 +94,7 @@ class ConnectPanel(Panel):
         self.token_input = widgets.Password(
             value="",
             description="token",
-            placeholder="only if the server uses tokens",
+            placeholder="optional",
             layout=_ID_LAYOUT,
         )
         self.connect_button = widgets.Button(
