@@ -13,6 +13,7 @@ whose ``code`` is one of :data:`ERROR_CODES`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import secrets
@@ -70,6 +71,9 @@ ERROR_CODES = frozenset(
 )
 
 _MAX_INT = 2**63 - 1
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
+_ID_PREFIX = "evt_" + secrets.token_hex(6)
+_ID_COUNTER = itertools.count(secrets.randbelow(2**32))
 
 
 # Timestamps and ids
@@ -83,12 +87,13 @@ def now() -> datetime:
 def format_timestamp(moment: datetime | None = None) -> str:
     """Return ``moment`` (default: now) as ISO-8601 UTC with microseconds and a ``Z``."""
     if moment is None:
-        moment = now()
-    elif moment.tzinfo is None:
-        raise ValueError(f"timestamp must be timezone-aware: {moment!r}")
-    else:
+        moment = datetime.now(UTC)
+    elif moment.tzinfo is not UTC:
+        if moment.tzinfo is None:
+            raise ValueError(f"timestamp must be timezone-aware: {moment!r}")
         moment = moment.astimezone(UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat() is about twice as fast as strftime(); it ends with "+00:00" here.
+    return moment.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def parse_timestamp(text: str) -> datetime:
@@ -105,8 +110,11 @@ def parse_timestamp(text: str) -> datetime:
 
 
 def new_event_id() -> str:
-    """Return a fresh, unique event id ``evt_<24 hex digits>``."""
-    return "evt_" + secrets.token_hex(12)
+    """Return a fresh, unique event id ``evt_<24 hex digits>``.
+
+    A random per-process prefix and a counter: unique without a system call per id.
+    """
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
 
 
 # Event types and patterns
@@ -143,7 +151,7 @@ def check_pattern(value: Any) -> str:
 
 def encode(message: Mapping[str, Any]) -> bytes:
     """Serialise a message to the compact UTF-8 JSON of one text frame."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+    return _ENCODER.encode(message).encode()
 
 
 def decode(frame: str | bytes) -> dict[str, Any]:
