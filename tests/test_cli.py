@@ -39,6 +39,13 @@ EVENT_LINE = re.compile(
 )
 
 
+# `python -m gathering_lab ARGS`, with SIGINT raising KeyboardInterrupt as in a terminal.
+_WITH_CTRL_C = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'gathering-lab'; runpy.run_module('gathering_lab', run_name='__main__')"
+)
+
+
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env["PYTHONUNBUFFERED"] = "1"
@@ -104,11 +111,15 @@ async def _pump(stream: asyncio.StreamReader, lines: list[str]) -> None:
 
 @contextlib.asynccontextmanager
 async def cli(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[Proc]:
-    """Run ``python -m gathering_lab ARGS``; kill it on the way out if it is still running."""
+    """Run ``python -m gathering_lab ARGS``; kill it on the way out if it is still running.
+
+    The child gets Python's usual Ctrl+C handling even when this test run inherited an
+    ignored SIGINT (a shell's background job does): a user's terminal behaves that way.
+    """
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "gathering_lab",
+        "-c",
+        _WITH_CTRL_C,
         *args,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
