@@ -54,18 +54,6 @@ logger = logging.getLogger("gathering_lab.client")
 connection_logger = logging.getLogger("gathering_lab.client.connection")
 install_redaction(logger, connection_logger)
 
-#: Server messages that are not events.
-CONTROL_TYPES = frozenset(
-    {
-        "connection.established",
-        "pong",
-        "error",
-        "published",
-        "subscribed",
-        "resumed",
-        "authenticated",
-    }
-)
 #: Close codes after which reconnecting cannot help.
 FINAL_CLOSE_CODES = frozenset({1003, 1007, 1008, 1009})
 
@@ -521,7 +509,7 @@ class LabClient:
             logger.warning("ignoring a bad message from the server: %s", exc)
             return
         kind = message["type"]
-        if kind not in CONTROL_TYPES:
+        if kind not in protocol.CONTROL_TYPES:
             self._event(message, received_at)
         elif kind == "pong":
             if "id" in message:
@@ -562,7 +550,9 @@ class LabClient:
                     self.duplicates += 1
                     return
             self.last_seq = seq
-        if self._filters is not None and not _passes(self._filters, message):
+        if self._filters is not None and not self._filters.matches(
+            str(message.get("type")), message.get("circle_id"), message.get("project_id")
+        ):
             return  # servers without `subscribe`, and replays from before it took effect
         self.frame.append(message, received_at)
         self.events_received += 1
@@ -639,18 +629,6 @@ class LabClient:
             f"<LabClient {self.client_id} {self.status} url={self.url} "
             f"events={self.events_received} last_seq={self.last_seq}>"
         )
-
-
-def _passes(filters: protocol.Filters, message: dict[str, Any]) -> bool:
-    if filters.circle_id is not None and message.get("circle_id") != filters.circle_id:
-        return False
-    if filters.project_id is not None and message.get("project_id") != filters.project_id:
-        return False
-    kind = str(message.get("type"))
-    return any(
-        p == "*" or p == kind or (p.endswith(".*") and kind.startswith(p[:-1]))
-        for p in filters.event_types
-    )
 
 
 async def connect(url: str, client_id: str | None = None, **options: Any) -> LabClient:

@@ -400,21 +400,12 @@ class EventBus:
         for event in reversed(self._history):
             if len(found) >= limit:
                 break
-            if wanted is not None and not self._pattern_matches(wanted, event.type_name):
+            if wanted is not None and not protocol.type_matches(wanted, event.type_name):
                 continue
             if filters and not event.matches_filter(**filters):
                 continue
             found.append(event)
         return found
-
-    @staticmethod
-    def _pattern_matches(patterns: set[str], type_name: str) -> bool:
-        for pattern in patterns:
-            if pattern == type_name:
-                return True
-            if pattern.endswith(".*") and type_name.startswith(pattern[:-1]):
-                return True
-        return False
 
     @property
     def last_seq(self) -> int:

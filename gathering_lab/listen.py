@@ -35,7 +35,6 @@ from .demo import (
 from .exceptions import ConnectionFailed, ProtocolError
 
 __all__ = [
-    "CONTROL_TYPES",
     "MessageKind",
     "event_matches",
     "format_event",
@@ -44,32 +43,11 @@ __all__ = [
 
 logger = logging.getLogger("gathering_lab.listen")
 
-#: Server messages that are not events.
-CONTROL_TYPES = frozenset(
-    {
-        "connection.established",
-        "pong",
-        "error",
-        "subscribed",
-        "published",
-        "resumed",
-        "authenticated",
-    }
-)
 
 #: What :func:`listen_messages` says each message is.
 MessageKind = Literal["connected", "event", "subscribed", "subscribe_refused", "error", "control"]
 
 _ALL = protocol.Filters()
-
-
-def _type_matches(patterns: tuple[str, ...], type_name: str) -> bool:
-    for pattern in patterns:
-        if pattern == "*" or pattern == type_name:
-            return True
-        if pattern.endswith(".*") and type_name.startswith(pattern[:-1]):
-            return True
-    return False
 
 
 def _same_id(wanted: Any, value: Any) -> bool:
@@ -84,7 +62,7 @@ def event_matches(filters: protocol.Filters, message: dict[str, Any]) -> bool:
     return (
         _same_id(filters.circle_id, message.get("circle_id"))
         and _same_id(filters.project_id, message.get("project_id"))
-        and _type_matches(filters.event_types, str(message.get("type")))
+        and protocol.type_matches(filters.event_types, str(message.get("type")))
     )
 
 
@@ -168,7 +146,7 @@ async def listen_messages(
                         yield "subscribe_refused", message
                     else:
                         yield "error", message
-                elif kind in CONTROL_TYPES:
+                elif kind in protocol.CONTROL_TYPES:
                     yield "control", message
                 elif event_matches(filters, message):
                     yield "event", message

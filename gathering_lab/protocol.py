@@ -17,7 +17,7 @@ import itertools
 import json
 import re
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +26,7 @@ from .exceptions import ProtocolError
 
 __all__ = [
     "CONNECTED_MESSAGE",
+    "CONTROL_TYPES",
     "ERROR_CODES",
     "EVENT_TYPE_PATTERN",
     "Auth",
@@ -49,6 +50,7 @@ __all__ = [
     "parse_client_message",
     "parse_timestamp",
     "pong",
+    "type_matches",
 ]
 
 CONNECTED_MESSAGE = "Connected to GatheRing WebSocket"
@@ -56,6 +58,19 @@ CONNECTED_MESSAGE = "Connected to GatheRing WebSocket"
 #: Custom event types are dotted lowercase words, e.g. ``deploy.finished``.
 EVENT_TYPE_PATTERN = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
 _PATTERN_RE = re.compile(r"^(\*|[a-z][a-z0-9_]*(\.[a-z0-9_]+)*(\.\*)?)$")
+
+#: Server messages that are not events (greeting, replies and acknowledgements).
+CONTROL_TYPES = frozenset(
+    {
+        "connection.established",
+        "pong",
+        "error",
+        "published",
+        "subscribed",
+        "resumed",
+        "authenticated",
+    }
+)
 
 #: Error codes sent in ``{"type": "error", "data": {"code": ...}}``.
 ERROR_CODES = frozenset(
@@ -135,6 +150,19 @@ def check_event_type(value: Any) -> str:
     return value
 
 
+def type_matches(patterns: Iterable[str], type_name: str) -> bool:
+    """True if ``type_name`` matches one of ``patterns`` (``*``, ``task.*``, ``task.created``).
+
+    ``task.*`` matches every type that starts with ``task.``, however many segments follow.
+    """
+    for pattern in patterns:
+        if pattern == "*" or pattern == type_name:
+            return True
+        if pattern.endswith(".*") and type_name.startswith(pattern[:-1]):
+            return True
+    return False
+
+
 def check_pattern(value: Any) -> str:
     """Return ``value`` as a subscription pattern (``*``, ``task.*``, ``task.created``)."""
     value = getattr(value, "value", value)
@@ -208,6 +236,14 @@ class Filters:
     event_types: tuple[str, ...] = ("*",)
     circle_id: Any = None
     project_id: Any = None
+
+    def matches(self, type_name: str, circle_id: Any = None, project_id: Any = None) -> bool:
+        """True if an event of this type, circle and project passes these filters."""
+        if self.circle_id is not None and circle_id != self.circle_id:
+            return False
+        if self.project_id is not None and project_id != self.project_id:
+            return False
+        return type_matches(self.event_types, type_name)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the filters as sent in a ``subscribe`` message."""

@@ -176,3 +176,26 @@ def test_building_a_publish_checks_its_type() -> None:
     with pytest.raises(ProtocolError) as info:
         protocol.Publish("Bad Type", {}).to_message()
     assert info.value.code == "invalid_event_type"
+
+
+@pytest.mark.parametrize(
+    ("patterns", "type_name", "expected"),
+    [
+        (("*",), "agent.started", True),
+        (("task.*",), "task.conflict.detected", True),
+        (("task.*",), "taskx.created", False),
+        (("task.created",), "task.created", True),
+        (("task.created",), "task.created.extra", False),
+        (("agent.*", "task.created"), "task.created", True),
+    ],
+)
+def test_type_matches(patterns: tuple[str, ...], type_name: str, expected: bool) -> None:
+    assert protocol.type_matches(patterns, type_name) is expected
+
+
+def test_filters_match_type_circle_and_project() -> None:
+    filters = protocol.Filters(("task.*",), circle_id=1, project_id=None)
+    assert filters.matches("task.created", 1, 99)
+    assert not filters.matches("task.created", 2, 99)
+    assert not filters.matches("agent.started", 1, 99)
+    assert protocol.Filters().matches("anything.at.all")

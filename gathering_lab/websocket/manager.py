@@ -66,22 +66,9 @@ def text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
-def _type_matches(patterns: tuple[str, ...], type_name: str) -> bool:
-    for pattern in patterns:
-        if pattern == "*" or pattern == type_name:
-            return True
-        if pattern[-1] == "*" and type_name.startswith(pattern[:-1]):
-            return True
-    return False
-
-
 def filters_match(filters: Filters, event: Event) -> bool:
     """Return True if ``event`` passes ``filters`` (type patterns, circle, project)."""
-    if filters.circle_id is not None and event.circle_id != filters.circle_id:
-        return False
-    if filters.project_id is not None and event.project_id != filters.project_id:
-        return False
-    return _type_matches(filters.event_types, event.type_name)
+    return filters.matches(event.type_name, event.circle_id, event.project_id)
 
 
 class Session:
