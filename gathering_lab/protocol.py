@@ -82,6 +82,9 @@ ERROR_CODES = frozenset(
         "forbidden",  # the client's token lacks the role this needs
         "unauthorized",  # no valid token
         "internal_error",  # a bug on the server side; the connection is closed with 1011
+        "rate_limited",  # over the connection's publish rate: nothing was published
+        "unavailable",  # the bus cannot take the event now: nothing was published
+        "too_large",  # a subscription (or other request) past the server's bounds
     }
 )
 
@@ -210,20 +213,29 @@ def pong(request_id: Any = None) -> dict[str, Any]:
     return message
 
 
-def error(code: str, message: str) -> dict[str, Any]:
-    """Build an ``error`` message with one of :data:`ERROR_CODES`."""
+def error(code: str, message: str, request_id: Any = None) -> dict[str, Any]:
+    """Build an ``error`` message with one of :data:`ERROR_CODES`; echoes the request's ``id``."""
     if code not in ERROR_CODES:
         raise ValueError(f"unknown error code {code!r}")
-    return {
+    reply: dict[str, Any] = {
         "type": "error",
         "data": {"code": code, "message": message},
         "timestamp": format_timestamp(),
     }
+    if request_id is not None:
+        reply["id"] = request_id
+    return reply
 
 
-def ack(kind: str, **data: Any) -> dict[str, Any]:
-    """Build an acknowledgement (``subscribed``, ``published``, ``resumed``, ``authenticated``)."""
-    return {"type": kind, "data": data, "timestamp": format_timestamp()}
+def ack(kind: str, request_id: Any = None, **data: Any) -> dict[str, Any]:
+    """Build an acknowledgement (``subscribed``, ``published``, ``resumed``, ``authenticated``).
+
+    ``request_id`` is the ``id`` of the client message it answers, echoed when given.
+    """
+    reply: dict[str, Any] = {"type": kind, "data": data, "timestamp": format_timestamp()}
+    if request_id is not None:
+        reply["id"] = request_id
+    return reply
 
 
 # Client -> server messages
