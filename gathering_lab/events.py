@@ -96,6 +96,7 @@ class Event:
     seq: int | None = None
     epoch: str | None = None
     _wire: bytes | None = field(default=None, repr=False)
+    _frame: bytes | None = field(default=None, repr=False)  # the server's text frame, cached
 
     def __post_init__(self) -> None:
         self.type = _coerce_type(self.type)
@@ -267,7 +268,7 @@ class EventBus:
         self._seq += 1
         event.seq = self._seq
         event.epoch = self.epoch
-        event._wire = None
+        event._wire = event._frame = None
         self._history.append(event)
         self._published += 1
         return self._route(event.type_name)
@@ -417,12 +418,15 @@ class EventBus:
         """The ``seq`` of the oldest event still in history (``last_seq + 1`` if it is empty)."""
         return self._history[0].seq if self._history else self._seq + 1  # type: ignore[return-value]
 
-    def since(self, seq: int) -> list[Event]:
-        """Return the events after ``seq`` still in history, oldest first."""
+    def since(self, seq: int, limit: int | None = None) -> list[Event]:
+        """Return the events after ``seq`` still in history, oldest first (at most ``limit``)."""
         if not isinstance(seq, int) or seq < 0:
             raise ValueError(f"seq must be a non-negative integer, not {seq!r}")
+        if limit is not None and (not isinstance(limit, int) or limit < 0):
+            raise ValueError(f"limit must be a non-negative integer or None, not {limit!r}")
         start = max(0, seq + 1 - self.oldest_seq)
-        return list(itertools.islice(self._history, start, None))
+        stop = None if limit is None else start + limit
+        return list(itertools.islice(self._history, start, stop))
 
     # Administration
 

@@ -28,7 +28,7 @@ from typing import Any
 from .client import LabClient
 from .events import Event, EventBus, EventType, event_bus
 from .frame import EventFrame
-from .websocket import ConnectionManager, Server, get_connection_manager, serve
+from .websocket import ConnectionManager, Server, manager_for, serve
 from .websocket.server import bind
 
 __all__ = ["Lab", "current", "start", "stop"]
@@ -54,7 +54,7 @@ class Lab:
         self.host = host
         self.requested_port = port
         self.bus = bus if bus is not None else event_bus
-        self.manager = manager if manager is not None else get_connection_manager()
+        self.manager = manager if manager is not None else manager_for(self.bus)
         # In a kernel a long cell stalls the loop: keep pinging, but never time out.
         serve_options.setdefault("ping_timeout", None)
         self.serve_options = serve_options

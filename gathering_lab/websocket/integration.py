@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 from ..events import Event, EventBus, EventType, event_bus
-from .manager import ConnectionManager, get_connection_manager
+from .manager import ConnectionManager, manager_for
 
 __all__ = [
     "DEFAULT_BROADCAST_EVENTS",
@@ -86,7 +86,7 @@ def setup_websocket_broadcasting(
         raise TypeError("event_types must be a list of event types, not a string")
     types = list(DEFAULT_BROADCAST_EVENTS if event_types is None else event_types)
     bus = bus if bus is not None else event_bus
-    manager = manager if manager is not None else get_connection_manager()
+    manager = manager if manager is not None else manager_for(bus)
     ids = [_setup(t, None, bus, manager) for t in types]
     logger.info("broadcasting %d event type(s)", len(ids))
     return ids
@@ -102,12 +102,8 @@ def setup_custom_broadcasting(
     """Broadcast one event type, only the events ``filter_fn`` accepts; returns the id."""
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError(f"filter_fn must be callable, not {type(filter_fn).__name__}")
-    return _setup(
-        event_type,
-        filter_fn,
-        bus if bus is not None else event_bus,
-        manager if manager is not None else get_connection_manager(),
-    )
+    bus = bus if bus is not None else event_bus
+    return _setup(event_type, filter_fn, bus, manager if manager is not None else manager_for(bus))
 
 
 def teardown_broadcasting(*, bus: EventBus | None = None) -> int:

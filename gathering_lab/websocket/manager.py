@@ -16,6 +16,17 @@ Every client's pending outgoing bytes are capped (``max_pending_bytes``). A
 client over the cap is a slow consumer: it is sent close code 4008 and its
 transport is aborted if it does not take the close frame within a second. What
 it did not receive is counted in ``messages_dropped``; it can resume by ``seq``.
+
+Replays (a client resuming from ``seq``) are streamed by :meth:`ConnectionManager.replay`
+in chunks of at most ``replay_chunk_bytes``, each written only once the client's
+socket has drained, so a replay never holds more than one chunk per client
+however much history it covers, and never blocks the loop. A client whose
+replay makes no progress for ``replay_stall_timeout`` seconds is evicted like
+a slow consumer.
+
+A manager serves one bus: :func:`get_connection_manager` returns the one of
+the default bus (the guide's), :func:`manager_for` the one of any other bus, so
+two servers on two buses never see each other's events.
 """
 
 from __future__ import annotations
@@ -24,14 +35,15 @@ import asyncio
 import itertools
 import logging
 import struct
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from websockets.protocol import State
 
 from .. import protocol
 from ..auth import EVERYTHING, Scope
-from ..events import Event
+from ..events import Event, event_bus
 from ..protocol import Filters
 
 if TYPE_CHECKING:
@@ -43,6 +55,7 @@ __all__ = [
     "ConnectionManager",
     "Session",
     "get_connection_manager",
+    "manager_for",
 ]
 
 logger = logging.getLogger("gathering_lab.websocket.manager")
@@ -50,6 +63,8 @@ logger = logging.getLogger("gathering_lab.websocket.manager")
 DEFAULT_MAX_PENDING_BYTES = 4 * 2**20
 SLOW_CONSUMER_CLOSE_CODE = 4008
 SLOW_CONSUMER_ABORT_AFTER = 1.0
+DEFAULT_REPLAY_CHUNK_BYTES = 64 * 2**10
+DEFAULT_REPLAY_STALL_TIMEOUT = 30.0
 ALL = Filters()
 GroupKey = tuple[Filters, Scope]
 
@@ -88,6 +103,9 @@ class Session:
         "joined_seq",
         "scope",
         "identity",
+        "live",
+        "deferred",
+        "deferred_bytes",
     )
 
     def __init__(self, connection: ServerConnection, client_id: str) -> None:
@@ -104,6 +122,10 @@ class Session:
         self.identity: Any = None  # an auth.Identity when the server checks tokens
         self.closing = False
         self.joined_seq = 0
+        self.live = False  # receives broadcasts (False while a resume catches up)
+        # Frames held while websockets sends a fragmented message on this connection.
+        self.deferred: list[tuple[Any, int]] = []  # (frames, count) or (payloads, count)
+        self.deferred_bytes = 0
         remote = connection.remote_address
         self.remote = f"{remote[0]}:{remote[1]}" if remote else None
 
@@ -111,7 +133,7 @@ class Session:
     def pending_bytes(self) -> int:
         """Bytes written to this client that the socket has not taken yet."""
         try:
-            return self.transport.get_write_buffer_size()
+            return self.transport.get_write_buffer_size() + self.deferred_bytes
         except Exception:  # transport already gone
             return 0
 
@@ -127,34 +149,58 @@ class Session:
             "remote": self.remote,
             "compression": not self.raw,
             "scope": self.scope.to_dict(),
+            "live": self.live,
         }
 
     def __repr__(self) -> str:
         return f"<Session {self.client_id} sent={self.messages_sent}>"
 
 
+def _candidate_patterns(type_name: str) -> tuple[str, ...]:
+    """Every subscription pattern that matches ``type_name``: itself, its prefixes, ``*``."""
+    parts = type_name.split(".")
+    prefixes = (".".join(parts[:i]) + ".*" for i in range(1, len(parts)))
+    return ("*", type_name, *prefixes)
+
+
 class ConnectionManager:
-    """Registry of connected clients, fan-out of events to them, and the stats of both."""
+    """Registry of connected clients, fan-out of events to them, and the stats of both.
+
+    A manager serves one bus (:meth:`bind`); give each bus its own (:func:`manager_for`).
+    """
 
     def __init__(
         self,
         *,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
         flush_bytes: int = 256 * 2**10,
+        replay_chunk_bytes: int = DEFAULT_REPLAY_CHUNK_BYTES,
+        replay_stall_timeout: float = DEFAULT_REPLAY_STALL_TIMEOUT,
     ) -> None:
         if not isinstance(max_pending_bytes, int) or max_pending_bytes < 1024:
             raise ValueError(f"max_pending_bytes must be an int >= 1024, not {max_pending_bytes!r}")
+        if not isinstance(replay_chunk_bytes, int) or replay_chunk_bytes < 1024:
+            raise ValueError(
+                f"replay_chunk_bytes must be an int >= 1024, not {replay_chunk_bytes!r}"
+            )
+        if not isinstance(replay_stall_timeout, int | float) or replay_stall_timeout <= 0:
+            raise ValueError(
+                f"replay_stall_timeout must be a positive number, not {replay_stall_timeout!r}"
+            )
         self.max_pending_bytes = max_pending_bytes
         self.flush_bytes = flush_bytes
+        self.replay_chunk_bytes = replay_chunk_bytes
+        self.replay_stall_timeout = float(replay_stall_timeout)
         self.max_message_size: int | None = None
+        self._bus: weakref.ref[Any] | None = None
         self._sessions: dict[int, Session] = {}
         self._groups: dict[GroupKey, set[Session]] = {}
+        self._by_pattern: dict[str, set[GroupKey]] = {}
+        self._candidates: dict[str, tuple[str, ...]] = {}
         self._pending: list[Event] = []
         self._pending_bytes = 0
         self._flush_handle: asyncio.Handle | None = None
         self._last_seq: dict[str | None, int] = {}
-        self._bus_subscriptions: dict[int, tuple[Any, str, int]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._ids = itertools.count(1)
         self.total_connections = 0
         self.total_messages_sent = 0
@@ -162,37 +208,101 @@ class ConnectionManager:
         self.slow_consumers_closed = 0
         self.messages_dropped = 0
         self.rejected_connections = 0
+        self.events_skipped = 0
+        self.replays_active = 0
+        self.replays_completed = 0
+        self.replays_stalled = 0
+        self.replayed_events = 0
+
+    # The bus
+
+    @property
+    def bus(self) -> Any:
+        """The bus whose events this manager fans out (None until bound)."""
+        return self._bus() if self._bus is not None else None
+
+    def bind(self, bus: Any) -> None:
+        """Serve ``bus``; raises ValueError if this manager already serves another bus."""
+        current = self.bus
+        if current is None:
+            self._bus = weakref.ref(bus)
+        elif current is not bus:
+            raise ValueError(
+                f"this connection manager already serves {current!r}; a manager serves one "
+                "bus: pass manager_for(bus) or a new ConnectionManager()"
+            )
+
+    def attach(self, bus: Any, event_type: str = "*", filter_fn: Any = None) -> str:
+        """Broadcast ``bus`` events of ``event_type`` to clients; returns the subscription id."""
+        self.bind(bus)
+        return str(bus.subscribe(event_type, self.broadcast, filter_fn, name="websocket-broadcast"))
 
     # Registry
 
     def connect(
-        self, connection: ServerConnection, client_id: str, scope: Scope = EVERYTHING
+        self,
+        connection: ServerConnection,
+        client_id: str,
+        scope: Scope = EVERYTHING,
+        *,
+        live: bool = True,
     ) -> Session:
-        """Register a connected client; it receives broadcasts from the next flush on.
+        """Register a connected client.
 
+        With ``live=True`` it receives broadcasts from the next flush on; with
+        ``live=False`` only once :meth:`join` (or a :meth:`replay` that joins) makes it live.
         ``scope`` bounds what it can ever receive, whatever filters it sets.
         """
-        self.flush()  # what was published before it connected is not its business
         session = Session(connection, client_id)
         session.scope = scope
         self._sessions[id(connection)] = session
-        self._groups.setdefault((session.filters, scope), set()).add(session)
         self.total_connections += 1
+        if live:
+            self.join(session)
         return session
+
+    def join(self, session: Session) -> None:
+        """Make a registered client live: it receives what is broadcast from now on."""
+        self.flush()  # what was published before it joined is not its business
+        if session.live or id(session.connection) not in self._sessions:
+            return
+        session.live = True
+        bus = self.bus
+        session.joined_seq = bus.last_seq if bus is not None else 0
+        self._join_group(session)
 
     def disconnect(self, session: Session) -> None:
         """Forget a client (idempotent)."""
         if self._sessions.pop(id(session.connection), None) is None:
             return
-        self._leave_group(session)
+        if session.live:
+            self._leave_group(session)
+        session.live = False
+
+    def _join_group(self, session: Session) -> None:
+        key = (session.filters, session.scope)
+        members = self._groups.get(key)
+        if members is None:
+            members = self._groups[key] = set()
+            for pattern in session.filters.event_types:
+                self._by_pattern.setdefault(pattern, set()).add(key)
+        members.add(session)
 
     def _leave_group(self, session: Session) -> None:
         key = (session.filters, session.scope)
         members = self._groups.get(key)
-        if members is not None:
-            members.discard(session)
-            if not members:
-                del self._groups[key]
+        if members is None:
+            return
+        members.discard(session)
+        if members:
+            return
+        del self._groups[key]
+        for pattern in key[0].event_types:
+            keys = self._by_pattern.get(pattern)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_pattern[pattern]
 
     def set_filters(self, session: Session, filters: Filters) -> None:
         """Change what a client receives from the next flush on."""
@@ -204,10 +314,10 @@ class ConnectionManager:
 
     def _regroup(self, session: Session, filters: Filters, scope: Scope) -> None:
         self.flush()
-        if id(session.connection) in self._sessions:
+        if session.live:
             self._leave_group(session)
             session.filters, session.scope = filters, scope
-            self._groups.setdefault((filters, scope), set()).add(session)
+            self._join_group(session)
         else:
             session.filters, session.scope = filters, scope
 
@@ -225,12 +335,6 @@ class ConnectionManager:
         """How many clients are connected now."""
         return len(self._sessions)
 
-    # Bus wiring
-
-    def attach(self, bus: Any, event_type: str = "*", filter_fn: Any = None) -> str:
-        """Broadcast ``bus`` events of ``event_type`` to clients; returns the subscription id."""
-        return str(bus.subscribe(event_type, self.broadcast, filter_fn, name="websocket-broadcast"))
-
     # Fan-out
 
     def broadcast(self, event: Event) -> None:
@@ -243,10 +347,13 @@ class ConnectionManager:
                 return
             self._last_seq[event.epoch] = event.seq
         self.total_broadcasts += 1
-        if not self._sessions:
+        if not self._groups:
+            return
+        payload = self._payload(event)
+        if payload is None:
             return
         self._pending.append(event)
-        self._pending_bytes += len(event.encoded())
+        self._pending_bytes += len(payload)
         if self._pending_bytes >= self.flush_bytes:
             self.flush()
         elif self._flush_handle is None:
@@ -256,6 +363,35 @@ class ConnectionManager:
                 self.flush()
                 return
             self._flush_handle = loop.call_soon(self.flush)
+
+    def _payload(self, event: Event) -> bytes | None:
+        """The event's JSON, or None (counted and logged) if it cannot be encoded."""
+        try:
+            return event.encoded()
+        except Exception:
+            self.events_skipped += 1
+            logger.error("skipped event %s: it cannot be encoded", event.id, exc_info=True)
+            return None
+
+    def _frame(self, event: Event) -> bytes:
+        """The event's server text frame, built once and cached on the event."""
+        frame = event._frame
+        if frame is None:
+            frame = event._frame = text_frame(event.encoded())
+        return frame
+
+    def _matching_groups(self, event: Event) -> set[GroupKey]:
+        candidates = self._candidates.get(event.type_name)
+        if candidates is None:
+            if len(self._candidates) >= 4096:
+                self._candidates.clear()
+            candidates = self._candidates[event.type_name] = _candidate_patterns(event.type_name)
+        found: set[GroupKey] = set()
+        for pattern in candidates:
+            keys = self._by_pattern.get(pattern)
+            if keys:
+                found.update(keys)
+        return found
 
     def flush(self) -> None:
         """Send the pending batch now."""
@@ -267,59 +403,103 @@ class ConnectionManager:
             return
         self._pending = []
         self._pending_bytes = 0
-        payloads = [event.encoded() for event in batch]
-        frames = [text_frame(p) for p in payloads]
-        for (filters, scope), members in list(self._groups.items()):
-            chosen: Sequence[int]
-            if scope.empty:
+        frames = [self._frame(event) for event in batch]
+        chosen: dict[GroupKey, Sequence[int]]
+        if len(self._groups) == 1 and (ALL, EVERYTHING) in self._groups:
+            chosen = {(ALL, EVERYTHING): range(len(batch))}  # everyone wants everything
+        else:
+            # Only the groups whose patterns match an event are looked at, so the cost
+            # grows with the matches, not with the number of distinct filters.
+            picked: dict[GroupKey, list[int]] = {}
+            for index, event in enumerate(batch):
+                for key in self._matching_groups(event):
+                    filters, scope = key
+                    if filters_match(filters, event) and (
+                        scope.unrestricted or scope.allows(event)
+                    ):
+                        picked.setdefault(key, []).append(index)
+            chosen = picked  # type: ignore[assignment]
+        for key, indices in chosen.items():
+            members = self._groups.get(key)
+            if not members or not indices:
                 continue
-            if scope.unrestricted:
-                if filters is ALL or filters == ALL:
-                    chosen = range(len(batch))
-                else:
-                    chosen = [i for i, event in enumerate(batch) if filters_match(filters, event)]
+            if len(indices) == 1:
+                blob = frames[indices[0]]
+            elif len(indices) == len(frames):
+                blob = b"".join(frames)
             else:
-                chosen = [
-                    i
-                    for i, event in enumerate(batch)
-                    if scope.allows(event) and filters_match(filters, event)
-                ]
-            if not chosen:
-                continue
-            blob = frames[0] if len(frames) == 1 else b"".join(frames[i] for i in chosen)
-            count = len(chosen)
+                blob = b"".join(frames[i] for i in indices)
+            count = len(indices)
             for session in list(members):
                 if session.raw:
                     self._write(session, blob, count)
                 else:
-                    self._write_messages(session, [payloads[i] for i in chosen])
+                    self._write_messages(session, [batch[i].encoded() for i in indices])
 
-    def _write(self, session: Session, blob: bytes, count: int) -> None:
+    def _writable(self, session: Session, count: int) -> bool:
         if session.closing or session.connection.protocol.state is not State.OPEN:
-            return
-        if session.transport.get_write_buffer_size() > self.max_pending_bytes:
+            return False
+        if session.pending_bytes > self.max_pending_bytes:
             self._evict(session, count)
-            return
+            return False
+        return True
+
+    def _write(self, session: Session, blob: bytes, count: int) -> bool:
+        """Write prebuilt frames to a client; False if it is gone or was evicted."""
+        if not self._writable(session, count):
+            return False
+        if self._hold(session, blob, len(blob), count):
+            return True
         session.transport.write(blob)
         session.messages_sent += count
         self.total_messages_sent += count
+        return True
 
-    def _write_messages(self, session: Session, payloads: list[bytes]) -> None:
+    def _write_messages(self, session: Session, payloads: list[bytes]) -> bool:
+        """Send messages through websockets' framing (compression); False if not sent."""
+        count = len(payloads)
+        if not self._writable(session, count):
+            return False
+        if self._hold(session, payloads, sum(map(len, payloads)), count):
+            return True
         connection = session.connection
-        if session.closing or connection.protocol.state is not State.OPEN:
-            return
-        if session.transport.get_write_buffer_size() > self.max_pending_bytes:
-            self._evict(session, len(payloads))
-            return
         try:
             for payload in payloads:
                 connection.protocol.send_text(payload)
             connection.send_data()
         except Exception:
             logger.warning("could not write to %s", session.client_id, exc_info=True)
+            return False
+        session.messages_sent += count
+        self.total_messages_sent += count
+        return True
+
+    def _hold(self, session: Session, item: Any, size: int, count: int) -> bool:
+        """Hold frames while websockets sends a fragmented message; True if held.
+
+        Frames written now would cut into that message, so they wait for it (and
+        count towards the client's pending bytes meanwhile).
+        """
+        in_progress = session.connection.send_in_progress
+        if in_progress is None and not session.deferred:
+            return False
+        if not session.deferred and in_progress is not None:
+            in_progress.add_done_callback(lambda _: self._write_deferred(session))
+        session.deferred.append((item, count))
+        session.deferred_bytes += size
+        return True
+
+    def _write_deferred(self, session: Session) -> None:
+        in_progress = session.connection.send_in_progress
+        if in_progress is not None:
+            in_progress.add_done_callback(lambda _: self._write_deferred(session))
             return
-        session.messages_sent += len(payloads)
-        self.total_messages_sent += len(payloads)
+        deferred, session.deferred, session.deferred_bytes = session.deferred, [], 0
+        for item, count in deferred:
+            if session.raw:
+                self._write(session, item, count)
+            else:
+                self._write_messages(session, item)
 
     def send(self, session: Session, message: dict[str, Any]) -> bool:
         """Send one control message (ack, pong, error) to a client, in order with events.
@@ -329,25 +509,102 @@ class ConnectionManager:
         self.flush()
         payload = protocol.encode(message)
         if session.raw:
-            before = session.messages_sent
-            self._write(session, text_frame(payload), 1)
-        else:
-            before = session.messages_sent
-            self._write_messages(session, [payload])
-        return session.messages_sent > before
+            return self._write(session, text_frame(payload), 1)
+        return self._write_messages(session, [payload])
 
-    def send_events(self, session: Session, events: Iterable[Event]) -> int:
-        """Send past events to one client (a resume); returns how many were written."""
-        self.flush()
-        batch = list(events)
-        if not batch:
-            return 0
-        before = session.messages_sent
+    def _send_events(self, session: Session, events: list[Event]) -> bool:
         if session.raw:
-            self._write(session, b"".join(text_frame(e.encoded()) for e in batch), len(batch))
-        else:
-            self._write_messages(session, [e.encoded() for e in batch])
-        return session.messages_sent - before
+            frames = [self._frame(e) for e in events]
+            return self._write(session, b"".join(frames), len(frames))
+        return self._write_messages(session, [e.encoded() for e in events])
+
+    async def replay(
+        self,
+        session: Session,
+        since_seq: int,
+        *,
+        epoch: str | None = None,
+        upto: int | None = None,
+        join: bool = False,
+    ) -> tuple[int, bool]:
+        """Stream the bus's events after ``since_seq`` to one client; return (sent, gap).
+
+        Only events the client's filters and scope let through are sent, at most
+        ``replay_chunk_bytes`` at a time, each chunk once the socket has drained.
+        ``upto`` stops at that seq; ``join=True`` goes on until the client has
+        caught up and then makes it live, with no event missed or sent twice.
+        ``gap`` is True if events it asked for are no longer in history (or
+        ``epoch`` names another run of the numbering: then the whole history of
+        this run is replayed).
+        """
+        bus = self.bus
+        if bus is None:
+            raise RuntimeError("this connection manager serves no bus: bind() it first")
+        self.flush()
+        gap = epoch is not None and epoch != bus.epoch
+        next_seq = 1 if gap else since_seq + 1
+        sent = 0
+        self.replays_active += 1
+        try:
+            while not session.closing:
+                oldest = bus.oldest_seq
+                if next_seq < oldest:  # no longer in history (or trimmed while replaying)
+                    gap = True
+                    next_seq = oldest
+                chunk = bus.since(next_seq - 1, limit=_REPLAY_READ)
+                if upto is not None:
+                    chunk = [e for e in chunk if e.seq is not None and e.seq <= upto]
+                if not chunk:
+                    if join:
+                        self.join(session)  # no await since since(): nothing slipped in
+                    break
+                wanted: list[Event] = []
+                size = 0
+                for event in chunk:
+                    assert event.seq is not None
+                    next_seq = event.seq + 1
+                    if not session.scope.allows(event) or not filters_match(session.filters, event):
+                        continue
+                    payload = self._payload(event)
+                    if payload is None:
+                        continue
+                    wanted.append(event)
+                    size += len(payload)
+                    if size >= self.replay_chunk_bytes:
+                        break
+                if wanted:
+                    if not self._send_events(session, wanted):
+                        break
+                    sent += len(wanted)
+                    self.replayed_events += len(wanted)
+                    if not await self._drain(session):
+                        break
+                else:
+                    await asyncio.sleep(0)  # a long filtered-out stretch still yields
+        finally:
+            self.replays_active -= 1
+        if not session.closing:
+            self.replays_completed += 1
+        return sent, gap
+
+    async def _drain(self, session: Session) -> bool:
+        """Wait until the client's socket takes what was written; False if it never does."""
+        connection = session.connection
+        try:
+            await asyncio.wait_for(connection.drain(), self.replay_stall_timeout)
+        except TimeoutError:
+            self.replays_stalled += 1
+            logger.warning(
+                "replay to %s made no progress in %gs", session.client_id, self.replay_stall_timeout
+            )
+            if not session.closing:
+                self._evict(session, 0)
+            return False
+        except Exception:  # the connection was lost while paused
+            return False
+        if connection.transport.is_closing():
+            await asyncio.sleep(0)
+        return not session.closing
 
     def _evict(self, session: Session, count: int) -> None:
         session.closing = True
@@ -386,10 +643,16 @@ class ConnectionManager:
             "clients": [s.to_dict() for s in self._sessions.values()],
             "slow_consumers_closed": self.slow_consumers_closed,
             "messages_dropped": self.messages_dropped,
+            "events_skipped": self.events_skipped,
             "rejected_connections": self.rejected_connections,
             "filter_groups": len(self._groups),
+            "replays_active": self.replays_active,
+            "replays_completed": self.replays_completed,
+            "replays_stalled": self.replays_stalled,
+            "replayed_events": self.replayed_events,
             "max_pending_bytes": self.max_pending_bytes,
             "max_message_size": self.max_message_size,
+            "replay_chunk_bytes": self.replay_chunk_bytes,
         }
 
     def __repr__(self) -> str:
@@ -399,12 +662,21 @@ class ConnectionManager:
         )
 
 
-_manager: ConnectionManager | None = None
+#: How many events a replay reads from history at a time (before filtering).
+_REPLAY_READ = 512
+# bus -> its manager; the manager holds its bus weakly, so this never keeps a bus alive.
+_managers: weakref.WeakKeyDictionary[Any, ConnectionManager] = weakref.WeakKeyDictionary()
+
+
+def manager_for(bus: Any) -> ConnectionManager:
+    """Return the process-wide connection manager of ``bus`` (created on first use)."""
+    manager = _managers.get(bus)
+    if manager is None:
+        manager = _managers[bus] = ConnectionManager()
+        manager.bind(bus)
+    return manager
 
 
 def get_connection_manager() -> ConnectionManager:
-    """Return the process-wide connection manager (created on first use)."""
-    global _manager
-    if _manager is None:
-        _manager = ConnectionManager()
-    return _manager
+    """Return the process-wide connection manager of the default bus (the guide's)."""
+    return manager_for(event_bus)

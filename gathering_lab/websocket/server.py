@@ -38,7 +38,7 @@ from .. import __version__, protocol
 from ..auth import EVERYTHING, Identity, JWTAuth, bearer_token, install_redaction
 from ..events import Event, EventBus, event_bus
 from ..exceptions import AuthError, PortInUseError, ProtocolError
-from .manager import ConnectionManager, Session, filters_match, get_connection_manager
+from .manager import ConnectionManager, Session, manager_for
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "LOOPBACK_ORIGIN", "Server", "bind", "serve"]
 
@@ -326,9 +326,10 @@ class _Handler:
             return
 
         scope = EVERYTHING if identity is None else identity.receive_scope
-        session = self.manager.connect(connection, client_id, scope)
+        # A client resuming in the URL joins live delivery only once its replay has
+        # caught up: every event exactly once, in order.
+        session = self.manager.connect(connection, client_id, scope, live=resume is None)
         session.identity = identity
-        session.joined_seq = self.bus.last_seq
         logger.info("client %s connected from %s", client_id, session.remote)
         try:
             extras = {} if identity is None else identity.to_dict()
@@ -349,8 +350,9 @@ class _Handler:
                     self.manager.send(session, self._authenticated(session))
             if resume is not None:
                 try:
-                    self._resume(session, resume)
+                    await self._resume(session, resume, join=True)
                 except ProtocolError as exc:
+                    self.manager.join(session)
                     self.manager.send(session, protocol.error(exc.code, exc.message))
             await self._message_loop(connection, session)
         except ConnectionClosed:
@@ -497,7 +499,7 @@ class _Handler:
             self.manager.set_filters(session, protocol.Filters())
             return protocol.ack("subscribed", **protocol.Filters().to_dict())
         if isinstance(message, protocol.Resume):
-            self._resume(session, message)
+            await self._resume(session, message)
             return None
         raise ProtocolError("unknown_type", f"unsupported message {type(message).__name__}")
 
@@ -531,29 +533,28 @@ class _Handler:
         epoch = epochs[0] if epochs else None
         return protocol.Resume(int(raw), epoch)
 
-    def _resume(self, session: Session, resume: protocol.Resume) -> None:
+    async def _resume(
+        self, session: Session, resume: protocol.Resume, *, join: bool = False
+    ) -> None:
+        """Replay what the client missed, then acknowledge with ``resumed``.
+
+        ``join=True`` (a resume in the URL) goes on until the client has caught up
+        and then makes it live. A ``resume`` message arrives after live delivery
+        has started: only the events published before the client joined are
+        replayed, so none is sent twice.
+        """
         if session.identity is not None:
             _require(session.identity, "subscribe", "resume")
-        bus = self.bus
-        gap = (resume.epoch is not None and resume.epoch != bus.epoch) or (
-            resume.since_seq + 1 < bus.oldest_seq
+        sent, gap = await self.manager.replay(
+            session,
+            resume.since_seq,
+            epoch=resume.epoch,
+            upto=None if join else session.joined_seq,
+            join=join,
         )
-        if resume.epoch is not None and resume.epoch != bus.epoch:
-            # Another run of the numbering: the old one is gone (gap), but this
-            # run's history is all new to the client.
-            events = bus.since(0)
-        else:
-            events = bus.since(resume.since_seq)
-        # Events after joined_seq already went out live: replay only those before.
-        # (Resuming in the URL, ?last_seq=N, also keeps everything in order.)
-        limit = session.joined_seq
-        scope = session.scope
-        events = [
-            e
-            for e in events
-            if (e.seq or 0) <= limit and scope.allows(e) and filters_match(session.filters, e)
-        ]
-        sent = self.manager.send_events(session, events)
+        if session.closing:
+            return
+        bus = self.bus
         self.manager.send(
             session,
             protocol.ack(
@@ -653,7 +654,8 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
         self.host = host
         self.port = port
         self.bus = bus if bus is not None else event_bus
-        self.manager = manager if manager is not None else get_connection_manager()
+        self.manager = manager if manager is not None else manager_for(self.bus)
+        self.manager.bind(self.bus)  # ValueError if it already serves another bus
         if max_pending_bytes is not None:
             if not isinstance(max_pending_bytes, int) or max_pending_bytes < 1024:
                 raise ValueError(

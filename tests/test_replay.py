@@ -1,0 +1,233 @@
+"""Replays stream in bounded chunks; one manager per bus; the group index; fragmented sends.
+
+Issue 8, items 2 and 4 and the "one fan-out per server" finding: real servers on loopback,
+real websockets clients and raw sockets that never read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+
+from gathering_lab.events import Event, EventBus
+from gathering_lab.protocol import Filters, type_matches
+from gathering_lab.testing import recv_json, recv_until, running_server, timeout, wait_for
+from gathering_lab.websocket import ConnectionManager, Server, manager_for, serve
+
+PAD = "x" * 1200
+
+
+async def fill(bus: EventBus, count: int, pad: str = PAD, **ids: Any) -> None:
+    for i in range(count):
+        await bus.publish(Event(type="load.test", data={"i": i, "pad": pad}, **ids))
+
+
+def handshake(port: int, query: str, rcvbuf: int = 4096) -> socket.socket:
+    """A raw client that completes the WebSocket handshake, then never reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(
+        (
+            f"GET /ws/dashboard?{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    return sock
+
+
+async def test_replays_to_clients_that_never_read_hold_one_chunk_each(
+    bus: EventBus, manager: ConnectionManager
+) -> None:
+    await fill(bus, 3000)  # ~3.7 MB of history
+    async with running_server(bus=bus, manager=manager) as server:
+        socks = [handshake(server.port, f"client_id=s{i}&last_seq=0") for i in range(30)]
+        try:
+            await wait_for(lambda: manager.replays_active == 30, timeout(10))
+            # Each replay waits for its socket to drain: what the server holds per client
+            # stays near one chunk, not the whole 3.7 MB history.
+            await asyncio.sleep(0.2)
+            pending = [s.pending_bytes for s in manager.sessions]
+            assert max(pending) <= 2 * manager.replay_chunk_bytes, pending
+            # Meanwhile other clients are served at once.
+            async with connect(f"{server.url}?client_id=probe") as probe:
+                assert (await recv_json(probe))["type"] == "connection.established"
+                for _ in range(5):
+                    await probe.send(json.dumps({"type": "ping", "id": "p"}))
+                    pong = await recv_json(probe, wait=timeout(2))
+                    assert pong["type"] == "pong"
+        finally:
+            for sock in socks:
+                sock.close()
+        await wait_for(lambda: manager.replays_active == 0, timeout(10))
+
+
+async def test_a_stalled_replay_is_evicted_and_counted(bus: EventBus) -> None:
+    manager = ConnectionManager(replay_stall_timeout=0.3)
+    await fill(bus, 500, pad="x" * 20_000)  # 10 MB: more than the kernel's socket buffers
+    async with running_server(bus=bus, manager=manager) as server:
+        sock = handshake(server.port, "client_id=stall&last_seq=0")
+        try:
+            await wait_for(lambda: manager.replays_stalled == 1, timeout(10))
+            await wait_for(lambda: manager.active_connections == 0, timeout(10))
+            assert manager.get_stats()["slow_consumers_closed"] == 1
+        finally:
+            sock.close()
+
+
+async def test_url_resume_during_a_publish_storm_is_exactly_once_in_order(
+    server: Server, bus: EventBus, manager: ConnectionManager
+) -> None:
+    await fill(bus, 2000)
+    epoch = bus.epoch
+
+    async def storm() -> None:
+        for i in range(1000):
+            await bus.publish(Event(type="load.live", data={"i": i}))
+            if i % 50 == 0:
+                await asyncio.sleep(0)
+
+    async with connect(f"{server.url}?client_id=r&last_seq=0&epoch={epoch}", max_size=None) as ws:
+        assert (await recv_json(ws))["type"] == "connection.established"
+        publisher = asyncio.get_running_loop().create_task(storm())
+        seen: set[Any] = set()
+
+        def done(message: dict[str, Any]) -> bool:
+            seen.add(message["type"] if message["type"] == "resumed" else message.get("seq"))
+            return {"resumed", 3000} <= seen
+
+        got = await recv_until(ws, done, wait=timeout(20))
+        await publisher
+    seqs = [m["seq"] for m in got if "seq" in m and m["type"] != "resumed"]
+    assert seqs == list(range(1, 3001))
+    resumed = [m for m in got if m["type"] == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["data"]["gap"] is False
+    assert manager.replays_completed >= 1
+
+
+async def test_resume_message_with_a_stale_epoch_is_streamed_and_reports_a_gap(
+    server: Server, bus: EventBus
+) -> None:
+    await fill(bus, 500)
+    async with connect(f"{server.url}?client_id=s", max_size=None) as ws:
+        assert (await recv_json(ws))["type"] == "connection.established"
+        await ws.send(json.dumps({"type": "resume", "data": {"since_seq": 3, "epoch": "old"}}))
+        got = await recv_until(ws, lambda m: m["type"] == "resumed", wait=timeout(10))
+    assert [m["seq"] for m in got[:-1]] == list(range(1, 501))
+    assert got[-1]["data"]["gap"] is True and got[-1]["data"]["count"] == 500
+
+
+async def test_history_trimmed_while_a_replay_waits_is_a_gap() -> None:
+    small = EventBus(history_size=200)
+    manager = ConnectionManager()
+    await fill(small, 200, pad="x" * 20_000)
+    async with running_server(bus=small, manager=manager) as server:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", server.port))
+        url = f"{server.url}?client_id=t&last_seq=0&epoch={small.epoch}"
+        async with connect(url, sock=sock, max_queue=1, max_size=None) as ws:
+            assert (await recv_json(ws))["type"] == "connection.established"
+            (session,) = manager.sessions
+            await wait_for(lambda: session.pending_bytes > 0, timeout(10))
+            assert manager.replays_active == 1
+            await fill(small, 400, pad="")  # history now holds 401..600: the replay fell behind it
+            got = await recv_until(ws, lambda m: m["type"] == "resumed", wait=timeout(10))
+    seqs = [m["seq"] for m in got[:-1]]
+    assert seqs == sorted(set(seqs)) and seqs[-1] == 600
+    assert seqs[0] == 1 and 401 in seqs and len(seqs) < 600
+    assert got[-1]["data"]["gap"] is True and got[-1]["data"]["count"] == len(seqs)
+
+
+async def test_two_servers_on_two_buses_never_see_each_others_events() -> None:
+    bus_a, bus_b = EventBus(), EventBus()
+    async with (
+        running_server(bus=bus_a, manager=None) as a,
+        running_server(bus=bus_b, manager=None) as b,
+    ):
+        assert a.manager is manager_for(bus_a) and b.manager is manager_for(bus_b)
+        assert a.manager is not b.manager
+        async with connect(a.url) as wa, connect(b.url) as wb:
+            await recv_json(wa), await recv_json(wb)
+            await bus_a.publish(Event(type="only.a"))
+            await bus_b.publish(Event(type="only.b"))
+            got_a, got_b = await recv_json(wa), await recv_json(wb)
+            assert (got_a["type"], got_a["seq"]) == ("only.a", 1)
+            assert (got_b["type"], got_b["seq"]) == ("only.b", 1)
+            await wa.send(json.dumps({"type": "ping"}))
+            assert (await recv_json(wa))["type"] == "pong"  # nothing of bus b came first
+
+
+async def test_a_manager_serves_one_bus() -> None:
+    manager = ConnectionManager()
+    async with running_server(bus=EventBus(), manager=manager):
+        with pytest.raises(ValueError, match="serves one bus"):
+            await serve(port=0, bus=EventBus(), manager=manager)
+
+
+async def test_many_distinct_filters_each_get_exactly_what_matches(
+    server: Server, bus: EventBus, manager: ConnectionManager
+) -> None:
+    rng = random.Random(8)
+    words = ["task", "agent", "circle"]
+    subs = ["created", "started", "member", "done"]
+    types = [f"{w}.{s}" for w in words for s in subs] + ["task.member.added", "agent.x.y"]
+    choices = types + [f"{w}.*" for w in words] + ["task.member.*", "*"]
+    clients = []
+    for i in range(40):
+        patterns = sorted(set(rng.sample(choices, rng.randint(1, 4))))
+        circle = rng.choice([None, 1, 2])
+        ws = await connect(f"{server.url}?client_id=c{i}")
+        await recv_json(ws)
+        data: dict[str, Any] = {"event_types": patterns, "circle_id": circle}
+        await ws.send(json.dumps({"type": "subscribe", "data": data}))
+        assert (await recv_json(ws))["type"] == "subscribed"
+        clients.append((ws, Filters(tuple(patterns), circle)))
+    published = []
+    for n in range(120):
+        event = Event(type=rng.choice(types), circle_id=rng.choice([None, 1, 2]), data={"n": n})
+        published.append(await bus.publish(event))
+    for ws, filters in clients:
+        await ws.send(json.dumps({"type": "ping", "id": "end"}))
+        got = await recv_until(ws, lambda m: m["type"] == "pong", wait=timeout(10))
+        want = [
+            e.seq
+            for e in published
+            if type_matches(filters.event_types, e.type_name)
+            and (filters.circle_id is None or e.circle_id == filters.circle_id)
+        ]
+        assert [m["seq"] for m in got[:-1]] == want, filters
+        await ws.close()
+    await wait_for(lambda: manager.get_stats()["filter_groups"] == 0, timeout(5))
+
+
+async def test_frames_wait_for_a_fragmented_message_in_progress(
+    server: Server, bus: EventBus, manager: ConnectionManager
+) -> None:
+    async with connect(f"{server.url}?client_id=f") as ws:
+        await recv_json(ws)
+        (session,) = manager.sessions
+        release = asyncio.Event()
+
+        async def fragments() -> Any:
+            yield '{"type":"note",'
+            await release.wait()
+            yield '"data":{}}'
+
+        task = asyncio.get_running_loop().create_task(session.connection.send(fragments()))
+        await wait_for(lambda: session.connection.send_in_progress is not None, timeout(5))
+        await bus.publish(Event(type="during.fragments"))
+        manager.flush()
+        assert session.deferred and session.pending_bytes > 0
+        release.set()
+        await task
+        first, second = await recv_json(ws), await recv_json(ws)
+        assert first["type"] == "note" and second["type"] == "during.fragments"
+        assert not session.deferred
