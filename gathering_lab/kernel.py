@@ -23,13 +23,15 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, TypeVar
 
 from .client import LabClient
 from .events import Event, EventBus, EventType, event_bus
 from .frame import EventFrame
 from .websocket import ConnectionManager, Server, manager_for, serve
 from .websocket.server import bind
+
+_T = TypeVar("_T")
 
 __all__ = ["Lab", "current", "start", "stop"]
 
@@ -252,9 +254,36 @@ class Lab:
         """The server's stats, as served at ``/admin/websocket/stats``."""
         if self.server is None:
             return {"status": self.status, "bus": self.bus.get_stats()}
-        stats = self.server.get_stats()
+        stats = self._on_loop(self.server.get_stats)
         stats["status"] = self.status
         return stats
+
+    def _on_loop(self, function: Callable[[], _T], wait: float = 10.0) -> _T:
+        """Call ``function`` on the lab's loop (its structures live there) and return its result.
+
+        Called from another thread (a widget callback, the lab's own thread in a plain
+        script), it waits for the loop to run it; on the loop itself it is called at once.
+        """
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            return function()
+        try:
+            if asyncio.get_running_loop() is loop:
+                return function()
+        except RuntimeError:
+            pass
+        if self.mode == "loop" and threading.current_thread() is threading.main_thread():
+            return function()  # the kernel's own thread, between cells: the loop is idle
+        future: Future[_T] = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(function())
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        loop.call_soon_threadsafe(run)
+        return future.result(wait)
 
     def __repr__(self) -> str:
         return (

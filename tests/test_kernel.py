@@ -141,6 +141,30 @@ def test_plain_script_runs_the_lab_in_a_thread(tmp_path: Any) -> None:
     assert result.stdout.splitlines() == ["in order: True", "stopped: stopped"]
 
 
+def test_stats_from_another_thread_are_read_on_the_labs_loop() -> None:
+    import threading
+
+    lab = gl.start(port=0, bus=EventBus(), manager=ConnectionManager())  # no loop: a thread
+    try:
+        assert lab.mode == "thread" and lab._thread is not None
+        assert lab._on_loop(threading.get_ident) == lab._thread.ident
+
+        async def churn() -> None:
+            for _ in range(30):
+                async with ws_connect(lab.url) as ws:
+                    await recv_json(ws)
+
+        future = asyncio.run_coroutine_threadsafe(churn(), lab.loop)
+        reads = 0
+        while not future.done():  # the manager's registry changes under our feet
+            assert lab.stats()["status"] == "running"
+            reads += 1
+        future.result()
+        assert reads > 0 and lab.stats()["total_connections"] == 30
+    finally:
+        lab.stop()
+
+
 class Kernel:
     """A real IPython kernel driven through jupyter_client."""
 
