@@ -32,15 +32,11 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
-import json
 import logging
 import time
-import urllib.error
-import urllib.request
 from collections import deque
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
@@ -48,8 +44,17 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from . import protocol
 from .auth import install_redaction
+from .connection import (
+    check_url,
+    connect_error,
+    connect_options,
+    describe,
+    get_json,
+    http_url,
+    with_query,
+)
 from .events import EventType
-from .exceptions import AuthError, ConnectionFailed, ProtocolError
+from .exceptions import ConnectionFailed, ProtocolError
 from .frame import EventFrame
 
 __all__ = ["LabClient", "connect", "http_url"]
@@ -79,38 +84,6 @@ class _Request:
     changes_filters: bool = False
 
 
-def http_url(ws_url: str, path: str = "/") -> str:
-    """The ``http(s)://`` URL of ``path`` on the server a ``ws(s)://`` URL points at."""
-    parts = urlsplit(ws_url)
-    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme)
-    if scheme is None or not parts.netloc:
-        raise ValueError(f"not a WebSocket URL: {ws_url!r}")
-    return urlunsplit((scheme, parts.netloc, path, "", ""))
-
-
-def _get_json(url: str, token: str | None, timeout: float) -> Any:
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-            return json.loads(response.read().decode())
-    except urllib.error.HTTPError as exc:
-        detail = f"GET {url}: {exc.code} {exc.reason}"
-        if exc.code in (401, 403):
-            raise AuthError(f"{detail} (the stats need a token with the admin role)") from None
-        raise ConnectionFailed(detail) from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise ConnectionFailed(f"GET {url}: {getattr(exc, 'reason', exc)}") from None
-
-
-def _with_query(url: str, **params: Any) -> str:
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
-    query.update({k: str(v) for k, v in params.items() if v is not None})
-    return urlunsplit(parts._replace(query=urlencode(query)))
-
-
 class LabClient:
     """A reconnecting client that collects a server's events into :attr:`frame`."""
 
@@ -132,9 +105,7 @@ class LabClient:
         ping_timeout: float | None = 60.0,
         max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
-        parts = urlsplit(url) if isinstance(url, str) else None
-        if parts is None or parts.scheme not in ("ws", "wss") or not parts.netloc:
-            raise ValueError(f"url must be a ws:// or wss:// URL, not {url!r}")
+        url = check_url(url)
         if client_id is not None and (not isinstance(client_id, str) or not client_id):
             raise ValueError(f"client_id must be a non-empty string, not {client_id!r}")
         if max_retries is not None and (not isinstance(max_retries, int) or max_retries < 0):
@@ -347,7 +318,7 @@ class LabClient:
         Raises AuthError without the admin role, ConnectionFailed if the server cannot answer.
         """
         url = http_url(self.url, "/admin/websocket/stats")
-        stats = await asyncio.to_thread(_get_json, url, self.token, self.request_timeout)
+        stats = await asyncio.to_thread(get_json, url, self.token, self.request_timeout)
         if not isinstance(stats, dict):
             raise ConnectionFailed(f"GET {url}: expected a JSON object, got {stats!r:.80}")
         return stats
@@ -456,11 +427,13 @@ class LabClient:
                 await self._session()
                 attempt = 0  # a session ran: start the backoff again
             except (OSError, InvalidHandshake, InvalidURI, TimeoutError, ConnectionClosed) as exc:
-                reason = self._describe(exc)
+                reason = describe(exc)
                 if self._first_attempt is not None and not self._first_attempt.done():
-                    self._first_attempt.set_exception(
-                        ConnectionFailed(f"cannot connect to {self.url}: {reason}")
-                    )
+                    if isinstance(exc, ConnectionClosed | InvalidURI):
+                        error = ConnectionFailed(f"cannot connect to {self.url}: {reason}")
+                    else:
+                        error = connect_error(self.url, exc, self.open_timeout)
+                    self._first_attempt.set_exception(error)
                     self._set_status(f"disconnected: {reason}")
                     return
                 logger.info("connection to %s lost: %s", self.url, reason)
@@ -488,23 +461,23 @@ class LabClient:
         # event: every event exactly once, in order.
         self._replaying = self.last_seq is not None and self.epoch is not None
         if self._replaying:
-            return _with_query(
+            return with_query(
                 self.url, client_id=self.client_id, last_seq=self.last_seq, epoch=self.epoch
             )
-        return _with_query(self.url, client_id=self.client_id)
+        return with_query(self.url, client_id=self.client_id)
 
     async def _session(self) -> None:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         self.close_code = self.close_reason = None
-        async with ws_connect(
-            self._connect_url(),
-            additional_headers=headers,
+        url = self._connect_url()
+        options = connect_options(
+            url,
+            token=self.token,
+            logger=connection_logger,
             open_timeout=self.open_timeout,
             ping_timeout=self.ping_timeout,
             max_size=self.max_message_size,
-            compression=None,
-            logger=connection_logger,
-        ) as ws:
+        )
+        async with ws_connect(url, **options) as ws:
             self._ws = ws
             try:
                 hello = protocol.decode(await asyncio.wait_for(ws.recv(), self.open_timeout))
@@ -761,18 +734,6 @@ class LabClient:
                 request.future.set_exception(error)
         self._heartbeat_id = None
         self._resync = False
-
-    def _describe(self, exc: BaseException) -> str:
-        if isinstance(exc, ConnectionClosed):
-            rcvd = exc.rcvd
-            if rcvd is not None:
-                return f"closed by server: {rcvd.code} {rcvd.reason}".strip()
-            return "connection closed abnormally"
-        if isinstance(exc, ConnectionRefusedError):
-            return "connection refused (is the server running?)"
-        if isinstance(exc, TimeoutError):
-            return "timed out"
-        return str(exc) or type(exc).__name__
 
     def __repr__(self) -> str:
         return (
