@@ -17,10 +17,10 @@ import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from . import __version__, protocol
-from .demo import DEFAULT_URL, TOKEN_ENV, DemoResult, run_demo, ws_url
+from .connection import DEFAULT_URL, TOKEN_ENV, error_text, query_param
+from .demo import DemoResult, run_demo, ws_url
 from .exceptions import GatheringLabError, ProtocolError
 from .listen import format_event, listen_messages
 
@@ -240,7 +240,7 @@ async def _demo(args: argparse.Namespace) -> int:
 
     token = args.token or os.environ.get(TOKEN_ENV)
     client_id = args.client_id
-    if client_id is None and not token and "client_id" not in parse_qs(urlsplit(args.url).query):
+    if client_id is None and not token and not query_param(args.url, "client_id"):
         client_id = "demo"  # with a token, the server names the client after its subject
     try:
         result = await run_demo(
@@ -315,13 +315,6 @@ def _width() -> int:
     return 200
 
 
-def _error_text(message: dict[str, Any]) -> str:
-    data = message.get("data") or {}
-    if isinstance(data, dict):
-        return f"{data.get('code', 'error')}: {data.get('message', '')}"
-    return str(data)
-
-
 async def _listen(args: argparse.Namespace) -> int:
     """Run ``gathering-lab listen``: status on stderr, one line (or JSON) per event on stdout."""
     out, err = sys.stdout, sys.stderr
@@ -330,7 +323,7 @@ async def _listen(args: argparse.Namespace) -> int:
         filters = protocol.Filters(("*",), args.circle, args.project)
     token = args.token or os.environ.get(TOKEN_ENV)
     client_id = args.client_id
-    if client_id is None and not token and "client_id" not in parse_qs(urlsplit(args.url).query):
+    if client_id is None and not token and not query_param(args.url, "client_id"):
         client_id = f"listen-{os.getpid()}"  # with a token, the server names us after its sub
     width = _width()
     seen = 0
@@ -339,7 +332,7 @@ async def _listen(args: argparse.Namespace) -> int:
         async with contextlib.aclosing(feed):
             async for kind, message in feed:
                 if kind == "error":
-                    print(f"listen: server error: {_error_text(message)}", file=err, flush=True)
+                    print(f"listen: server error: {error_text(message)}", file=err, flush=True)
                     continue
                 if args.json:
                     print(protocol.encode(message).decode(), file=out, flush=True)
@@ -362,7 +355,7 @@ async def _listen(args: argparse.Namespace) -> int:
                 elif kind == "subscribe_refused":
                     print(
                         "listen: the server does not support subscribe "
-                        f"({_error_text(message)}); filtering locally",
+                        f"({error_text(message)}); filtering locally",
                         file=err,
                         flush=True,
                     )

@@ -17,6 +17,10 @@ and nothing is received twice. A server restart (a new ``epoch``) or a gap in
 history is recorded as a row of the frame (``lab.server.restarted``, ``lab.gap``)
 and in :attr:`LabClient.status`, never hidden.
 
+Every request carries a fresh ``id`` and is settled only by the reply that
+echoes it; replies without an ``id`` (servers that do not echo) are matched to
+the oldest pending request of their kind.
+
 It also works against a server that speaks only the guide's original protocol
 (no ``seq``, no acknowledgements): then ``publish`` returns None and filters are
 applied on the client side only.
@@ -26,16 +30,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
-import json
 import logging
 import time
-import urllib.error
-import urllib.request
 from collections import deque
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
@@ -43,8 +44,17 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from . import protocol
 from .auth import install_redaction
+from .connection import (
+    check_url,
+    connect_error,
+    connect_options,
+    describe,
+    get_json,
+    http_url,
+    with_query,
+)
 from .events import EventType
-from .exceptions import AuthError, ConnectionFailed, ProtocolError
+from .exceptions import ConnectionFailed, ProtocolError
 from .frame import EventFrame
 
 __all__ = ["LabClient", "connect", "http_url"]
@@ -56,40 +66,22 @@ install_redaction(logger, connection_logger)
 
 #: Close codes after which reconnecting cannot help.
 FINAL_CLOSE_CODES = frozenset({1003, 1007, 1008, 1009})
+#: The largest server message a LabClient accepts by default (the server's own
+#: default limit is 1 MiB per client message; an event it sends adds its envelope).
+DEFAULT_MAX_MESSAGE_SIZE = 4 * 2**20
+#: Reply types that answer a request.
+_REPLY_TYPES = frozenset({"pong", "error", "published", "subscribed", "resumed", "authenticated"})
 
 EventCallback = Callable[[dict[str, Any]], None]
 
 
-def http_url(ws_url: str, path: str = "/") -> str:
-    """The ``http(s)://`` URL of ``path`` on the server a ``ws(s)://`` URL points at."""
-    parts = urlsplit(ws_url)
-    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme)
-    if scheme is None or not parts.netloc:
-        raise ValueError(f"not a WebSocket URL: {ws_url!r}")
-    return urlunsplit((scheme, parts.netloc, path, "", ""))
+@dataclasses.dataclass(slots=True)
+class _Request:
+    """A request waiting for its reply: the reply type it expects and who waits for it."""
 
-
-def _get_json(url: str, token: str | None, timeout: float) -> Any:
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-            return json.loads(response.read().decode())
-    except urllib.error.HTTPError as exc:
-        detail = f"GET {url}: {exc.code} {exc.reason}"
-        if exc.code in (401, 403):
-            raise AuthError(f"{detail} (the stats need a token with the admin role)") from None
-        raise ConnectionFailed(detail) from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise ConnectionFailed(f"GET {url}: {getattr(exc, 'reason', exc)}") from None
-
-
-def _with_query(url: str, **params: Any) -> str:
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
-    query.update({k: str(v) for k, v in params.items() if v is not None})
-    return urlunsplit(parts._replace(query=urlencode(query)))
+    kind: str  # the reply type: "pong", "published", "subscribed", "authenticated"
+    future: asyncio.Future[dict[str, Any]] | None  # None: the client's own (re-subscribe, ...)
+    changes_filters: bool = False
 
 
 class LabClient:
@@ -111,10 +103,9 @@ class LabClient:
         open_timeout: float = 10.0,
         request_timeout: float = 10.0,
         ping_timeout: float | None = 60.0,
+        max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
-        parts = urlsplit(url) if isinstance(url, str) else None
-        if parts is None or parts.scheme not in ("ws", "wss") or not parts.netloc:
-            raise ValueError(f"url must be a ws:// or wss:// URL, not {url!r}")
+        url = check_url(url)
         if client_id is not None and (not isinstance(client_id, str) or not client_id):
             raise ValueError(f"client_id must be a non-empty string, not {client_id!r}")
         if max_retries is not None and (not isinstance(max_retries, int) or max_retries < 0):
@@ -122,6 +113,14 @@ class LabClient:
         for name, value in (("base_delay", base_delay), ("max_delay", max_delay)):
             if not isinstance(value, int | float) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, not {value!r}")
+        if max_message_size is not None and (
+            not isinstance(max_message_size, int)
+            or isinstance(max_message_size, bool)
+            or max_message_size < 1024
+        ):
+            raise ValueError(
+                f"max_message_size must be an integer >= 1024 or None, not {max_message_size!r}"
+            )
         self.url = url
         self.client_id = client_id
         self.frame = frame if frame is not None else EventFrame(max_rows, client_id=client_id)
@@ -134,6 +133,9 @@ class LabClient:
         self.open_timeout = open_timeout
         self.request_timeout = request_timeout
         self.ping_timeout = ping_timeout
+        #: The largest message accepted from the server, in bytes (None: no limit);
+        #: a bigger one closes the connection with 1009, for good.
+        self.max_message_size = max_message_size
 
         self.status = "idle"
         self.server_info: dict[str, Any] = {}
@@ -149,6 +151,7 @@ class LabClient:
         self.close_reason: str | None = None
 
         self._filters: protocol.Filters | None = None
+        self._refused_too_big = False
         self._restarted = False
         self._ws: ClientConnection | None = None
         self._task: asyncio.Task[None] | None = None
@@ -156,9 +159,16 @@ class LabClient:
         self._closing = False
         self._connected = asyncio.Event()
         self._first_attempt: asyncio.Future[None] | None = None
-        self._pending: deque[tuple[str, asyncio.Future[dict[str, Any]]]] = deque()
-        self._pings: dict[str, asyncio.Future[float]] = {}
+        # Requests by id, oldest first (the order replies without an id are matched in).
+        self._pending: dict[str, _Request] = {}
         self._ids = itertools.count(1)
+        self._heartbeat_id: str | None = None
+        self._echoes_ids = False  # the server echoes request ids (this connection)
+        # When a jump in live seq means a loss (see _expects_every_seq).
+        self._contiguous = False
+        self._replaying = False
+        self._resync = False
+        self._filter_requests = 0
         self._listeners: list[EventCallback] = []
         self._status_listeners: list[Callable[[str], None]] = []
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
@@ -217,9 +227,9 @@ class LabClient:
     async def ping(self) -> float:
         """Send an application ping and return the round-trip time in seconds."""
         ws = await self._ready()
-        request_id = f"p{next(self._ids)}"
-        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        self._pings[request_id] = future
+        request_id = self._new_id()
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = _Request("pong", future)
         started = time.perf_counter()
         try:
             await ws.send(protocol.encode(protocol.Ping(request_id).to_message()).decode())
@@ -227,7 +237,7 @@ class LabClient:
         except TimeoutError:
             raise ConnectionFailed(f"no pong within {self.request_timeout}s") from None
         finally:
-            self._pings.pop(request_id, None)
+            self._drop(request_id)
         return time.perf_counter() - started
 
     async def publish(
@@ -282,12 +292,13 @@ class LabClient:
             raise ValueError(exc.message) from None
         assert isinstance(parsed, protocol.Subscribe)
         self._filters = parsed.filters
-        return await self._request("subscribed", parsed.to_message())
+        return await self._request("subscribed", parsed.to_message(), changes_filters=True)
 
     async def unsubscribe(self) -> dict[str, Any] | None:
         """Receive everything again."""
         self._filters = None
-        return await self._request("subscribed", protocol.Unsubscribe().to_message())
+        message = protocol.Unsubscribe().to_message()
+        return await self._request("subscribed", message, changes_filters=True)
 
     async def authenticate(self, token: str) -> dict[str, Any] | None:
         """Present a fresh token on the open connection (e.g. before the old one expires).
@@ -307,7 +318,7 @@ class LabClient:
         Raises AuthError without the admin role, ConnectionFailed if the server cannot answer.
         """
         url = http_url(self.url, "/admin/websocket/stats")
-        stats = await asyncio.to_thread(_get_json, url, self.token, self.request_timeout)
+        stats = await asyncio.to_thread(get_json, url, self.token, self.request_timeout)
         if not isinstance(stats, dict):
             raise ConnectionFailed(f"GET {url}: expected a JSON object, got {stats!r:.80}")
         return stats
@@ -368,22 +379,43 @@ class LabClient:
         except TimeoutError:
             raise ConnectionFailed(f"not connected ({self.status}) after {timeout}s") from None
 
-    async def _request(self, kind: str, message: dict[str, Any]) -> dict[str, Any] | None:
+    def _new_id(self) -> str:
+        return f"r{next(self._ids)}"
+
+    async def _request(
+        self, kind: str, message: dict[str, Any], *, changes_filters: bool = False
+    ) -> dict[str, Any] | None:
+        """Send ``message`` with a fresh id and return the data of the reply that echoes it."""
         ws = await self._ready()
+        request_id = message["id"] = self._new_id()
         if not self.speaks_lab_protocol:
             await ws.send(protocol.encode(message).decode())
             return None
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        entry = (kind, future)
-        self._pending.append(entry)
+        self._add_pending(request_id, _Request(kind, future, changes_filters))
         try:
             await ws.send(protocol.encode(message).decode())
-            return await asyncio.wait_for(future, self.request_timeout)
+            reply = await asyncio.wait_for(future, self.request_timeout)
         except TimeoutError:
             raise ConnectionFailed(f"no '{kind}' reply within {self.request_timeout}s") from None
         finally:
-            with contextlib.suppress(ValueError):
-                self._pending.remove(entry)
+            self._drop(request_id)
+        data = reply.get("data")
+        return data if isinstance(data, dict) else {}
+
+    def _add_pending(self, request_id: str, request: _Request) -> None:
+        self._pending[request_id] = request
+        if request.changes_filters:
+            # Until the server answers, events may still follow the old filters.
+            self._filter_requests += 1
+
+    def _drop(self, request_id: str) -> _Request | None:
+        """Forget a request (answered, timed out or lost); returns it if it was pending."""
+        request = self._pending.pop(request_id, None)
+        if request is not None and request.changes_filters:
+            self._filter_requests -= 1
+            self._resync = True  # the next event may jump: filters changed in between
+        return request
 
     # The connection loop
 
@@ -395,11 +427,13 @@ class LabClient:
                 await self._session()
                 attempt = 0  # a session ran: start the backoff again
             except (OSError, InvalidHandshake, InvalidURI, TimeoutError, ConnectionClosed) as exc:
-                reason = self._describe(exc)
+                reason = describe(exc)
                 if self._first_attempt is not None and not self._first_attempt.done():
-                    self._first_attempt.set_exception(
-                        ConnectionFailed(f"cannot connect to {self.url}: {reason}")
-                    )
+                    if isinstance(exc, ConnectionClosed | InvalidURI):
+                        error = ConnectionFailed(f"cannot connect to {self.url}: {reason}")
+                    else:
+                        error = connect_error(self.url, exc, self.open_timeout)
+                    self._first_attempt.set_exception(error)
                     self._set_status(f"disconnected: {reason}")
                     return
                 logger.info("connection to %s lost: %s", self.url, reason)
@@ -410,7 +444,8 @@ class LabClient:
             if self._closing:
                 break
             if self.close_code in FINAL_CLOSE_CODES:
-                self._set_status(f"closed by server: {self.close_code} {self.close_reason}")
+                by = "closed" if self._refused_too_big else "closed by server"
+                self._set_status(f"{by}: {self.close_code} {self.close_reason}")
                 return
             if not self.reconnect or (self.max_retries is not None and attempt >= self.max_retries):
                 self._set_status(f"disconnected after {attempt} retries")
@@ -424,24 +459,25 @@ class LabClient:
     def _connect_url(self) -> str:
         # Resuming in the URL lets the server replay what we missed before any live
         # event: every event exactly once, in order.
-        if self.last_seq is not None and self.epoch is not None:
-            return _with_query(
+        self._replaying = self.last_seq is not None and self.epoch is not None
+        if self._replaying:
+            return with_query(
                 self.url, client_id=self.client_id, last_seq=self.last_seq, epoch=self.epoch
             )
-        return _with_query(self.url, client_id=self.client_id)
+        return with_query(self.url, client_id=self.client_id)
 
     async def _session(self) -> None:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else None
         self.close_code = self.close_reason = None
-        async with ws_connect(
-            self._connect_url(),
-            additional_headers=headers,
+        url = self._connect_url()
+        options = connect_options(
+            url,
+            token=self.token,
+            logger=connection_logger,
             open_timeout=self.open_timeout,
             ping_timeout=self.ping_timeout,
-            max_size=None,
-            compression=None,
-            logger=connection_logger,
-        ) as ws:
+            max_size=self.max_message_size,
+        )
+        async with ws_connect(url, **options) as ws:
             self._ws = ws
             try:
                 hello = protocol.decode(await asyncio.wait_for(ws.recv(), self.open_timeout))
@@ -459,6 +495,15 @@ class LabClient:
             finally:
                 self.close_code = ws.close_code
                 self.close_reason = ws.close_reason
+                sent = ws.protocol.close_sent
+                self._refused_too_big = sent is not None and sent.code == 1009
+                if self._refused_too_big:  # we refused a message: a resume would get it again
+                    self.close_code = 1009
+                    self.close_reason = (
+                        f"a message from the server was over max_message_size "
+                        f"({self.max_message_size} bytes)"
+                    )
+                    logger.error("closing %s: %s", self.url, self.close_reason)
 
     def _greeted(self, hello: dict[str, Any]) -> None:
         data = hello.get("data") or {}
@@ -468,7 +513,13 @@ class LabClient:
         self.client_id = self.client_id or data.get("client_id")
         if self.frame.client_id is None and self.client_id:
             self.frame.client_id = self.client_id
+        self._echoes_ids = data.get("request_ids") is True
+        self._contiguous = data.get("contiguous") is True
+        self._resync = False
         epoch = data.get("epoch")
+        seq = data.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool):
+            seq = None
         self._restarted = self.epoch is not None and epoch is not None and epoch != self.epoch
         if self._restarted:
             self.restarts += 1
@@ -477,17 +528,32 @@ class LabClient:
                 {"old_epoch": self.epoch, "new_epoch": epoch, "last_seq": self.last_seq},
             )
             logger.warning("server restarted (epoch %s -> %s)", self.epoch, epoch)
-            self.last_seq = None
-        elif self.last_seq is None and isinstance(data.get("seq"), int):
+            # We resumed in the URL: the server replays the new run from its start
+            # (and says "gap" for the old run's tail). Otherwise the new run's events
+            # up to `seq` never come: a gap.
+            if self._replaying:
+                self.last_seq = 0
+            else:
+                self.last_seq = seq
+                if seq:
+                    self._gap({"reason": "server restarted", "epoch": epoch, "seq": seq})
+        elif self.last_seq is None and seq is not None:
             # Everything after the server's seq comes live: a later resume starts there,
             # even if no event arrived before the connection dropped.
-            self.last_seq = data["seq"]
+            self.last_seq = seq
+        if epoch is None:
+            self._replaying = False  # not a lab-protocol server: no replay, no `resumed`
         self.epoch = epoch
 
     async def _after_greeting(self, ws: ClientConnection) -> None:
         if self._filters is not None:
-            # Filters are kept across reconnects; the ack is not waited for.
-            message = protocol.Subscribe(self._filters).to_message()
+            # Filters are kept across reconnects; the ack is not waited for. The
+            # request has its own id (and its own place among replies without one),
+            # so its ack can never settle a user's request.
+            request_id = self._new_id()
+            if self.speaks_lab_protocol:
+                self._add_pending(request_id, _Request("subscribed", None, True))
+            message = protocol.Subscribe(self._filters, request_id).to_message()
             await ws.send(protocol.encode(message).decode())
         self._connected.set()
         # Shown until the next change, so a restart is never silent.
@@ -499,7 +565,13 @@ class LabClient:
         assert self.heartbeat is not None
         while True:
             await asyncio.sleep(self.heartbeat)
-            await ws.send('{"type":"ping"}')
+            # One heartbeat ping pending at a time, with its own id: its pong settles
+            # nothing of the user's.
+            if self._heartbeat_id is not None:
+                self._drop(self._heartbeat_id)
+            request_id = self._heartbeat_id = self._new_id()
+            self._add_pending(request_id, _Request("pong", None))
+            await ws.send(protocol.encode(protocol.Ping(request_id).to_message()).decode())
 
     def _handle(self, raw: str | bytes) -> None:
         received_at = time.time()
@@ -511,45 +583,97 @@ class LabClient:
         kind = message["type"]
         if kind not in protocol.CONTROL_TYPES:
             self._event(message, received_at)
-        elif kind == "pong":
-            if "id" in message:
-                ping = self._pings.get(str(message["id"]))
-            else:  # the guide's original server does not echo ids: oldest first
-                ping = next((p for p in self._pings.values() if not p.done()), None)
-            if ping is not None and not ping.done():
-                ping.set_result(received_at)
-        elif kind == "error":
-            self.errors.append(message)
-            data = message.get("data") or {}
-            error = ProtocolError(str(data.get("code")), str(data.get("message")))
-            if self._pending:
-                _, future = self._pending.popleft()
-                if not future.done():
-                    future.set_exception(error)
-            else:
-                logger.warning("server error: %s", error.message)
-        elif kind == "resumed":
+            return
+        if kind == "resumed":
+            self._replaying = False
             data = message.get("data") or {}
             if data.get("gap"):
-                self.gaps += 1
-                self._mark("lab.gap", data)
-                logger.warning("resume left a gap: %s", data)
-        else:
-            for index, (wanted, waiting) in enumerate(self._pending):
-                if wanted == kind:
-                    del self._pending[index]
-                    if not waiting.done():
-                        waiting.set_result(message.get("data") or {})
-                    break
+                self._gap(data)
+        elif kind == "authenticated":
+            data = message.get("data") or {}
+            scope = data.get("scope") or {}
+            if scope.get("circles") is not None or scope.get("projects") is not None:
+                self._contiguous = False  # a narrower token: the server skips events
+        if kind == "error":
+            self.errors.append(message)
+        if kind in _REPLY_TYPES:
+            self._settle(kind, message)
+
+    def _settle(self, kind: str, message: dict[str, Any]) -> None:
+        """Settle the request this reply answers: the one whose id it echoes.
+
+        A reply without an id, from a server that does not echo ids, answers the
+        oldest pending request of its kind (of any kind, for an error).
+        """
+        request_id = message.get("id")
+        request: _Request | None = None
+        if request_id is not None:
+            self._echoes_ids = True
+            if isinstance(request_id, str):
+                request = self._drop(request_id)
+            if request is None:
+                logger.debug("reply %r to no pending request (timed out?)", request_id)
+        elif not self._echoes_ids:
+            oldest = next(
+                (
+                    key
+                    for key, pending in self._pending.items()
+                    if kind == "error" or pending.kind == kind
+                ),
+                None,
+            )
+            request = None if oldest is None else self._drop(oldest)
+        if kind == "error":
+            data = message.get("data") or {}
+            error = ProtocolError(str(data.get("code")), str(data.get("message")), request_id)
+            if request is not None and request.future is not None:
+                if not request.future.done():
+                    request.future.set_exception(error)
+            else:
+                logger.warning("server error: %s: %s", error.code, error.message)
+        elif request is not None and request.future is not None and not request.future.done():
+            request.future.set_result(message)
+
+    def _expects_every_seq(self) -> bool:
+        """True when each live event's seq must follow the last one: a jump is a loss.
+
+        Only when the server says it sends every event of its bus to this client
+        (``contiguous`` in its greeting: no ``broadcast=False``, no token scope), the
+        client has no filters and is not changing them, and no replay is under way.
+        Filters, scopes and partial broadcasting skip seqs by design.
+        """
+        return (
+            self._contiguous
+            and self._filters is None
+            and self._filter_requests == 0
+            and not self._resync
+            and not self._replaying
+        )
+
+    def _gap(self, data: dict[str, Any]) -> None:
+        self.gaps += 1
+        self._mark("lab.gap", data)
+        logger.warning("events lost: %s", data)
 
     def _event(self, message: dict[str, Any], received_at: float) -> None:
         seq = message.get("seq")
-        if isinstance(seq, int):
+        if isinstance(seq, int) and not isinstance(seq, bool):
             if message.get("epoch") == self.epoch and self.last_seq is not None:
                 if seq <= self.last_seq:
                     self.duplicates += 1
                     return
+                if seq > self.last_seq + 1 and self._expects_every_seq():
+                    self._gap(
+                        {
+                            "reason": "seq jump",
+                            "after_seq": self.last_seq,
+                            "seq": seq,
+                            "missing": seq - self.last_seq - 1,
+                            "epoch": self.epoch,
+                        }
+                    )
             self.last_seq = seq
+            self._resync = False
         if self._filters is not None and not self._filters.matches(
             str(message.get("type")), message.get("circle_id"), message.get("project_id")
         ):
@@ -604,25 +728,12 @@ class LabClient:
                 logger.error("background task %s failed", task.get_name(), exc_info=exc)
 
     def _fail_pending(self, error: Exception) -> None:
-        while self._pending:
-            _, future = self._pending.popleft()
-            if not future.done():
-                future.set_exception(error)
-        for ping in self._pings.values():
-            if not ping.done():
-                ping.set_exception(error)
-
-    def _describe(self, exc: BaseException) -> str:
-        if isinstance(exc, ConnectionClosed):
-            rcvd = exc.rcvd
-            if rcvd is not None:
-                return f"closed by server: {rcvd.code} {rcvd.reason}".strip()
-            return "connection closed abnormally"
-        if isinstance(exc, ConnectionRefusedError):
-            return "connection refused (is the server running?)"
-        if isinstance(exc, TimeoutError):
-            return "timed out"
-        return str(exc) or type(exc).__name__
+        for request_id in list(self._pending):
+            request = self._drop(request_id)
+            if request is not None and request.future is not None and not request.future.done():
+                request.future.set_exception(error)
+        self._heartbeat_id = None
+        self._resync = False
 
     def __repr__(self) -> str:
         return (

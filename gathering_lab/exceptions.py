@@ -33,12 +33,16 @@ class GatheringLabError(Exception):
 
 
 class ProtocolError(GatheringLabError):
-    """A message that breaks the wire protocol; ``code`` is the error code sent back."""
+    """A message that breaks the wire protocol; ``code`` is the error code sent back.
 
-    def __init__(self, code: str, message: str) -> None:
+    ``request_id`` is the ``id`` of the client message it answers, if known (echoed).
+    """
+
+    def __init__(self, code: str, message: str, request_id: str | int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.request_id = request_id
 
     def __repr__(self) -> str:
         return f"ProtocolError({self.code!r}, {self.message!r})"

@@ -27,11 +27,7 @@ from typing import Any, Literal
 from websockets.exceptions import ConnectionClosed
 
 from . import protocol
-from .demo import (
-    DEFAULT_URL,
-    closed_message,
-    open_connection,
-)
+from .connection import DEFAULT_URL, closed_message, open_connection
 from .exceptions import ConnectionFailed, ProtocolError
 
 __all__ = [

@@ -29,11 +29,13 @@ __all__ = [
     "CONTROL_TYPES",
     "ERROR_CODES",
     "EVENT_TYPE_PATTERN",
+    "MAX_REQUEST_ID_LENGTH",
     "Auth",
     "ClientMessage",
     "Filters",
     "Ping",
     "Publish",
+    "RequestId",
     "Resume",
     "Subscribe",
     "Unsubscribe",
@@ -50,6 +52,7 @@ __all__ = [
     "parse_client_message",
     "parse_timestamp",
     "pong",
+    "request_id",
     "type_matches",
 ]
 
@@ -240,6 +243,39 @@ def ack(kind: str, request_id: Any = None, **data: Any) -> dict[str, Any]:
 
 # Client -> server messages
 
+#: A client's request id: a string of at most :data:`MAX_REQUEST_ID_LENGTH` characters or an int.
+RequestId = str | int
+MAX_REQUEST_ID_LENGTH = 64
+
+
+def request_id(message: Mapping[str, Any]) -> RequestId | None:
+    """Return the ``id`` of a client message (None if it has none); raise ProtocolError if bad.
+
+    A request id is a string of at most 64 characters or an integer; replies echo it
+    unchanged, so a client matches each reply to its request by equality.
+    """
+    value = message.get("id")
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and -_MAX_INT <= value <= _MAX_INT:
+        return value
+    if isinstance(value, str) and len(value) <= MAX_REQUEST_ID_LENGTH:
+        return value
+    shown = repr(value)
+    if len(shown) > 40:
+        shown = shown[:37] + "..."
+    raise ProtocolError(
+        "invalid_message",
+        f"invalid id {shown}: expected a string of at most {MAX_REQUEST_ID_LENGTH} characters "
+        "or an integer",
+    )
+
+
+def _with_id(message: dict[str, Any], rid: RequestId | None) -> dict[str, Any]:
+    if rid is not None:
+        message["id"] = rid
+    return message
+
 
 @dataclass(frozen=True, slots=True)
 class Filters:
@@ -270,11 +306,11 @@ class Filters:
 class Ping:
     """``{"type": "ping"}``, with an optional ``id`` echoed in the pong."""
 
-    id: Any = None
+    id: RequestId | None = None
 
     def to_message(self) -> dict[str, Any]:
         """Return the message a client sends."""
-        return {"type": "ping"} if self.id is None else {"type": "ping", "id": self.id}
+        return _with_id({"type": "ping"}, self.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,19 +318,22 @@ class Subscribe:
     """``{"type": "subscribe", "data": {...}}``: replace this client's filters."""
 
     filters: Filters = field(default_factory=Filters)
+    id: RequestId | None = None
 
     def to_message(self) -> dict[str, Any]:
         """Return the message a client sends."""
-        return {"type": "subscribe", "data": self.filters.to_dict()}
+        return _with_id({"type": "subscribe", "data": self.filters.to_dict()}, self.id)
 
 
 @dataclass(frozen=True, slots=True)
 class Unsubscribe:
     """``{"type": "unsubscribe"}``: receive everything again."""
 
+    id: RequestId | None = None
+
     def to_message(self) -> dict[str, Any]:
         """Return the message a client sends."""
-        return {"type": "unsubscribe"}
+        return _with_id({"type": "unsubscribe"}, self.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,10 +345,11 @@ class Publish:
     source_agent_id: Any = None
     circle_id: Any = None
     project_id: Any = None
+    id: RequestId | None = None
 
     def to_message(self) -> dict[str, Any]:
         """Return the message a client sends (the type is checked first)."""
-        return {
+        message = {
             "type": "publish",
             "data": {
                 "type": check_event_type(self.type),
@@ -319,6 +359,7 @@ class Publish:
                 "project_id": self.project_id,
             },
         }
+        return _with_id(message, self.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,10 +368,12 @@ class Resume:
 
     since_seq: int
     epoch: str | None = None
+    id: RequestId | None = None
 
     def to_message(self) -> dict[str, Any]:
         """Return the message a client sends."""
-        return {"type": "resume", "data": {"since_seq": self.since_seq, "epoch": self.epoch}}
+        message = {"type": "resume", "data": {"since_seq": self.since_seq, "epoch": self.epoch}}
+        return _with_id(message, self.id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,13 +381,15 @@ class Auth:
     """``{"type": "auth", "data": {"token": T}}``: authenticate (browsers)."""
 
     token: str
+    id: RequestId | None = None
 
     def __repr__(self) -> str:  # never show a token
-        return "Auth(token=<hidden>)"
+        shown = "" if self.id is None else f", id={self.id!r}"
+        return f"Auth(token=<hidden>{shown})"
 
     def to_message(self) -> dict[str, Any]:
         """Return the message a client sends."""
-        return {"type": "auth", "data": {"token": self.token}}
+        return _with_id({"type": "auth", "data": {"token": self.token}}, self.id)
 
 
 ClientMessage = Ping | Subscribe | Unsubscribe | Publish | Resume | Auth
@@ -371,7 +416,7 @@ def _scope_id(data: dict[str, Any], key: str) -> Any:
 
 
 def _parse_ping(message: dict[str, Any]) -> Ping:
-    return Ping(message.get("id"))
+    return Ping(request_id(message))
 
 
 def _parse_subscribe(message: dict[str, Any]) -> Subscribe:
@@ -392,11 +437,12 @@ def _parse_subscribe(message: dict[str, Any]) -> Subscribe:
         )
     if "*" in patterns:
         patterns = ("*",)
-    return Subscribe(Filters(patterns, _scope_id(data, "circle_id"), _scope_id(data, "project_id")))
+    filters = Filters(patterns, _scope_id(data, "circle_id"), _scope_id(data, "project_id"))
+    return Subscribe(filters, request_id(message))
 
 
 def _parse_unsubscribe(message: dict[str, Any]) -> Unsubscribe:
-    return Unsubscribe()
+    return Unsubscribe(request_id(message))
 
 
 def _parse_publish(message: dict[str, Any]) -> Publish:
@@ -414,6 +460,7 @@ def _parse_publish(message: dict[str, Any]) -> Publish:
         source_agent_id=_scope_id(data, "source_agent_id"),
         circle_id=_scope_id(data, "circle_id"),
         project_id=_scope_id(data, "project_id"),
+        id=request_id(message),
     )
 
 
@@ -425,14 +472,14 @@ def _parse_resume(message: dict[str, Any]) -> Resume:
     epoch = data.get("epoch")
     if epoch is not None and not isinstance(epoch, str):
         raise ProtocolError("invalid_message", f"epoch must be a string, not {epoch!r}")
-    return Resume(since, epoch)
+    return Resume(since, epoch, request_id(message))
 
 
 def _parse_auth(message: dict[str, Any]) -> Auth:
     token = _data(message, "auth").get("token")
     if not isinstance(token, str) or not token:
         raise ProtocolError("invalid_message", "'auth' data needs a non-empty string 'token'")
-    return Auth(token)
+    return Auth(token, request_id(message))
 
 
 _PARSERS: dict[str, Callable[[dict[str, Any]], ClientMessage]] = {
@@ -446,21 +493,31 @@ _PARSERS: dict[str, Callable[[dict[str, Any]], ClientMessage]] = {
 
 
 def parse_client_message(frame: str | bytes) -> ClientMessage:
-    """Parse and validate one text frame from a client; raise ProtocolError if it is bad."""
+    """Parse and validate one text frame from a client; raise ProtocolError if it is bad.
+
+    When the frame is a JSON object with a valid ``id``, the ProtocolError carries
+    it as ``request_id``, so the error reply can echo it.
+    """
     try:
         message = json.loads(frame)
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError("invalid_json", "message is not valid JSON") from None
     if not isinstance(message, dict):
         raise ProtocolError("invalid_json", "message must be a JSON object")
-    kind = message.get("type")
-    if not isinstance(kind, str):
-        raise ProtocolError("invalid_message", "message needs a string 'type'")
-    parser = _PARSERS.get(kind)
-    if parser is None:
-        shown = kind if len(kind) <= 64 else kind[:61] + "..."
-        raise ProtocolError(
-            "unknown_type",
-            f"unknown message type {shown!r}; expected one of {', '.join(_PARSERS)}",
-        )
-    return parser(message)
+    rid = request_id(message)
+    try:
+        kind = message.get("type")
+        if not isinstance(kind, str):
+            raise ProtocolError("invalid_message", "message needs a string 'type'")
+        parser = _PARSERS.get(kind)
+        if parser is None:
+            shown = kind if len(kind) <= 64 else kind[:61] + "..."
+            raise ProtocolError(
+                "unknown_type",
+                f"unknown message type {shown!r}; expected one of {', '.join(_PARSERS)}",
+            )
+        return parser(message)
+    except ProtocolError as exc:
+        if exc.request_id is None:
+            exc.request_id = rid
+        raise

@@ -14,8 +14,15 @@ from websockets.asyncio.server import serve as ws_serve
 from gathering_lab import protocol
 from gathering_lab.client import LabClient, connect
 from gathering_lab.events import Event, EventBus
-from gathering_lab.exceptions import ConnectionFailed
-from gathering_lab.testing import free_port, running_server, timeout, wait_for
+from gathering_lab.exceptions import ConnectionFailed, ProtocolError
+from gathering_lab.testing import (
+    free_port,
+    recv_json,
+    recv_until,
+    running_server,
+    timeout,
+    wait_for,
+)
 from gathering_lab.websocket import ConnectionManager, Server, serve
 
 
@@ -300,3 +307,353 @@ async def test_tokens_stats_and_refresh(bus: EventBus) -> None:
                 await reader.authenticate("")
         finally:
             await reader.close()
+
+
+# Always a resume point
+
+
+@pytest.mark.parametrize("cut", ["abort", "restart"])
+async def test_restart_into_an_empty_run_then_a_blip_loses_nothing(cut: str) -> None:
+    manager = ConnectionManager()
+    port = free_port()
+    server = await serve(port=port, bus=EventBus(), manager=manager)
+    client = await connect(server.url, "rp", base_delay=0.05, max_delay=0.2)
+    try:
+        server.close()
+        await server.wait_closed()
+        await client.wait_for_status("reconnecting", timeout(5))
+        bus = EventBus()  # a new run (new epoch) with no events yet
+        server = await serve(port=port, bus=bus, manager=manager)
+        await client.wait_for_status("connected (server restarted)", timeout(5))
+        assert client.restarts == 1
+        assert client.last_seq == 0  # a resume point, although no event came
+        gaps = client.gaps  # the old run's tail: reported by the server as a gap
+        # A blip while events are published: they must come back, exactly once.
+        if cut == "abort":
+            manager.sessions[0].transport.abort()
+        else:
+            server.close()
+            await server.wait_closed()
+        await client.wait_for_status("reconnecting", timeout(5))
+        for i in range(5):
+            await bus.publish(Event(type="while.away", data={"i": i}))
+        if cut == "restart":
+            server = await serve(port=port, bus=bus, manager=manager)
+        await client.wait_for_status("connected", timeout(5))
+        await bus.publish(Event(type="after.blip"))
+        await client.wait_for_events(6, timeout(5))
+        df = client.frame.df
+        assert df[~df["type"].str.startswith("lab.")]["seq"].tolist() == [1, 2, 3, 4, 5, 6]
+        assert client.gaps == gaps and client.duplicates == 0
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()
+
+
+# A jump in live seq
+
+
+@pytest.fixture
+async def scripted_server() -> AsyncIterator[tuple[str, list[Any]]]:
+    """A lab-protocol server that sends what the test puts in ``script`` after the greeting.
+
+    ``script`` holds the greeting's extra data first, then messages to send; a message
+    ``"recv"`` waits for one client message (stored back into the list's end).
+    """
+    script: list[Any] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        extras = script[0] if script else {}
+        greeting = protocol.connection_established("s", seq=0, epoch="e1", **extras)
+        await ws.send(protocol.encode(greeting).decode())
+        for step in script[1:]:
+            if callable(step):
+                await step(ws)
+            else:
+                await ws.send(json.dumps(step))
+        await ws.wait_closed()
+
+    async with ws_serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        yield f"ws://127.0.0.1:{port}/ws/dashboard", script
+
+
+def _event(seq: int, kind: str = "task.created") -> dict[str, Any]:
+    return {"type": kind, "data": {}, "event_id": f"evt_{seq}", "seq": seq, "epoch": "e1"}
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+async def test_a_jump_in_live_seq_is_a_gap_when_every_event_is_due(
+    scripted_server: tuple[str, list[Any]], contiguous: bool
+) -> None:
+    url, script = scripted_server
+    script += [{"contiguous": contiguous}, _event(1), _event(2), _event(5), _event(6)]
+    client = await connect(url, "j")
+    try:
+        await client.wait_for_events(4)
+        if contiguous:
+            assert client.gaps == 1
+            df = client.frame.df
+            assert df["type"].tolist()[2] == "lab.gap"
+            assert df["data"].tolist()[2] == {
+                "reason": "seq jump",
+                "after_seq": 2,
+                "seq": 5,
+                "missing": 2,
+                "epoch": "e1",
+            }
+        else:  # a server that does not promise every seq (or an older one): no claim
+            assert client.gaps == 0
+        assert client.last_seq == 6
+    finally:
+        await client.close()
+
+
+async def test_seq_jumps_a_server_makes_by_design_are_not_gaps(bus: EventBus) -> None:
+    from gathering_lab.auth import JWTAuth, mint_token
+    from gathering_lab.websocket.integration import setup_custom_broadcasting
+
+    # broadcast=False: only what the setup functions enable goes out.
+    manager = ConnectionManager()
+    async with running_server(bus=bus, manager=manager, broadcast=False) as server:
+        setup_custom_broadcasting("task.created", bus=bus, manager=manager)
+        client = await connect(server.url, "partial")
+        assert client.server_info["contiguous"] is False
+        for kind in ("task.created", "agent.started", "task.created"):
+            await bus.publish(Event(type=kind))
+        await client.wait_for_events(2)
+        assert client.gaps == 0 and client.last_seq == 3
+        await client.close()
+    # A token scoped to circle 1 does not receive the other circles' events.
+    secret = "k" * 32
+    async with running_server(bus=EventBus(), auth=JWTAuth(secret)) as server:
+        token = mint_token(secret, "scoped", ["subscribe"], circles=[1])
+        client = await connect(server.url, token=token)
+        for circle in (1, 2, 2, 1):
+            await server.bus.publish(Event(type="task.created", circle_id=circle))
+        await client.wait_for_events(2)
+        assert client.gaps == 0
+        await client.close()
+    # The client's own filters, and going back to everything, skip seqs too.
+    async with running_server(bus=EventBus()) as server:
+        client = await connect(server.url, "filtered")
+        await client.subscribe("task.*")
+        for kind in ("agent.started", "task.created", "agent.started"):
+            await server.bus.publish(Event(type=kind))
+        await client.unsubscribe()
+        for kind in ("agent.started", "task.created"):
+            await server.bus.publish(Event(type=kind))
+        await client.wait_for_events(3)
+        assert client.gaps == 0 and client.last_seq == 5
+        # Unfiltered and live: a server-side loss would now show (see the test above).
+        assert client._expects_every_seq()
+        await client.close()
+
+
+# A bounded frame
+
+
+async def test_a_message_over_the_clients_limit_closes_with_1009_for_good(bus: EventBus) -> None:
+    assert LabClient("ws://h/ws").max_message_size == 4 * 2**20
+    with pytest.raises(ValueError, match="max_message_size"):
+        LabClient("ws://h/ws", max_message_size=10)
+    async with running_server(bus=bus) as server:
+        client = await connect(server.url, "small", base_delay=0.01)  # the default limit
+        await bus.publish(Event(type="big.one", data={"x": "a" * (4 * 2**20)}))
+        await client.wait_for_status("closed", timeout(10))
+        assert client.status.startswith("closed: 1009 a message from the server was over")
+        assert "4194304 bytes" in client.status
+        assert client.close_code == 1009 and client.reconnects == 0
+        assert client.events_received == 0
+        await client.close()
+        # A bigger limit takes it.
+        roomy = await connect(server.url, "roomy", max_message_size=8 * 2**20)
+        await bus.publish(Event(type="big.two", data={"x": "b" * (4 * 2**20)}))
+        await roomy.wait_for_events(1, timeout(10))
+        await roomy.close()
+
+
+# Request ids
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("r1", True),
+        ("x" * 64, True),
+        (7, True),
+        (-3, True),
+        ("x" * 65, False),
+        (True, False),
+        (1.5, False),
+        ([1], False),
+        ({"a": 1}, False),
+        (2**64, False),
+    ],
+)
+def test_request_id_parsing(value: Any, ok: bool) -> None:
+    for message in (
+        {"type": "ping", "id": value},
+        {"type": "subscribe", "id": value, "data": {"event_types": ["task.*"]}},
+        {"type": "unsubscribe", "id": value},
+        {"type": "publish", "id": value, "data": {"type": "a.b"}},
+        {"type": "resume", "id": value, "data": {"since_seq": 0}},
+        {"type": "auth", "id": value, "data": {"token": "t"}},
+    ):
+        frame = json.dumps(message)
+        if ok:
+            parsed = protocol.parse_client_message(frame)
+            assert parsed.id == value
+            assert parsed.to_message()["id"] == value  # and back
+        else:
+            with pytest.raises(ProtocolError, match="invalid id") as info:
+                protocol.parse_client_message(frame)
+            assert info.value.code == "invalid_message" and info.value.request_id is None
+    # A message that fails to parse still carries its (valid) id, to be echoed.
+    with pytest.raises(ProtocolError) as info:
+        protocol.parse_client_message('{"type": "publish", "id": "p9", "data": {"type": "Bad"}}')
+    assert info.value.request_id == "p9"
+    assert protocol.Ping().to_message() == {"type": "ping"}  # no id, no key
+
+
+async def test_server_echoes_the_id_on_every_ack_and_error(server: Server) -> None:
+    import websockets
+
+    async with websockets.connect(server.url) as ws:
+        await recv_json(ws)  # greeting
+        exchanges: list[tuple[dict[str, Any], str, Any]] = [
+            ({"type": "ping", "id": 1}, "pong", 1),
+            ({"type": "subscribe", "id": "s", "data": {"event_types": ["a.*"]}}, "subscribed", "s"),
+            ({"type": "unsubscribe", "id": "u"}, "subscribed", "u"),
+            ({"type": "publish", "id": "p", "data": {"type": "a.b"}}, "published", "p"),
+            ({"type": "resume", "id": "r", "data": {"since_seq": 0}}, "resumed", "r"),
+            # Errors, also for messages that failed to parse.
+            ({"type": "dance", "id": "e1"}, "error", "e1"),
+            ({"type": "publish", "id": "e2", "data": {"type": "Bad"}}, "error", "e2"),
+            ({"type": "subscribe", "id": 3, "data": {"event_types": []}}, "error", 3),
+            ({"id": "e4"}, "error", "e4"),
+            ({"type": "auth", "id": "e5", "data": {"token": "t"}}, "error", "e5"),  # auth off
+            ({"type": "ping", "id": ["bad"]}, "error", None),  # an id it cannot echo
+        ]
+        for request, kind, echoed in exchanges:
+            await ws.send(json.dumps(request))
+            replies = await recv_until(ws, lambda m: m["type"] in protocol.CONTROL_TYPES)
+            assert replies[-1]["type"] == kind, (request, replies[-1])
+            assert replies[-1].get("id") == echoed, (request, replies[-1])
+        await ws.send("not json")
+        assert "id" not in (await recv_until(ws, lambda m: m["type"] == "error"))[-1]
+
+
+async def test_auth_frames_get_their_id_back(bus: EventBus) -> None:
+    import websockets
+
+    from gathering_lab.auth import JWTAuth, mint_token
+
+    secret = "k" * 32
+    async with running_server(bus=bus, auth=JWTAuth(secret)) as server:
+        async with websockets.connect(server.url) as ws:
+            token = mint_token(secret, "ann", ["subscribe"])
+            await ws.send(json.dumps({"type": "auth", "id": "a1", "data": {"token": token}}))
+            messages = await recv_until(ws, lambda m: m["type"] == "authenticated")
+            assert messages[-1]["id"] == "a1"
+            again = mint_token(secret, "ann", ["subscribe"], ttl="2h")
+            await ws.send(json.dumps({"type": "auth", "id": 2, "data": {"token": again}}))
+            assert (await recv_until(ws, lambda m: m["type"] == "authenticated"))[-1]["id"] == 2
+            await ws.send(json.dumps({"type": "auth", "id": 3, "data": {"token": "x.y.z"}}))
+            error = (await recv_until(ws, lambda m: m["type"] == "error"))[-1]
+            assert error["id"] == 3 and error["data"]["code"] == "unauthorized"
+
+
+async def test_an_error_settles_only_the_request_it_answers(
+    scripted_server: tuple[str, list[Any]],
+) -> None:
+    url, script = scripted_server
+
+    async def answer_out_of_order(ws: ServerConnection) -> None:
+        first = json.loads(await ws.recv())
+        second = json.loads(await ws.recv())
+        await ws.send(protocol.encode(protocol.error("forbidden", "no", second["id"])).decode())
+        ack = protocol.ack("published", first["id"], event_id="evt_1", seq=1)
+        await ws.send(protocol.encode(ack).decode())
+
+    script += [{"request_ids": True}, answer_out_of_order]
+    client = await connect(url, "ids")
+    try:
+        good = asyncio.create_task(client.publish("a.b"))
+        await wait_for(lambda: len(client._pending) == 1)
+        bad = asyncio.create_task(client.publish("c.d"))
+        with pytest.raises(ProtocolError, match="no") as info:
+            await bad
+        assert info.value.code == "forbidden"
+        assert await good == {"event_id": "evt_1", "seq": 1}
+        assert not client._pending
+    finally:
+        await client.close()
+
+
+async def test_a_late_reply_never_settles_the_next_request(bus: EventBus) -> None:
+    gate = asyncio.Event()
+
+    async def slow(event: Event) -> None:
+        await gate.wait()
+
+    bus.subscribe("slow.*", slow)
+    async with running_server(bus=bus) as server:
+        client = await connect(server.url, "late", request_timeout=timeout(0.3))
+        try:
+            with pytest.raises(ConnectionFailed, match="no 'published' reply"):
+                await client.publish("slow.one")  # the server is still busy with it
+            fast = asyncio.create_task(client.publish("fast.one"))
+            await wait_for(lambda: len(client._pending) == 1)
+            gate.set()
+            ack = await fast
+            # The slow publish's late ack (seq 1) is not taken for this one's.
+            assert ack is not None and ack["seq"] == 2
+        finally:
+            gate.set()
+            await client.close()
+
+
+async def test_the_resubscribe_after_a_reconnect_settles_no_user_request(
+    server: Server, bus: EventBus
+) -> None:
+    client = await connect(server.url, "rs", base_delay=0.05)
+    try:
+        await client.subscribe("agent.*")
+        server.manager.sessions[0].transport.abort()
+        await client.wait_for_status("reconnecting", timeout(5))
+        # Two subscribes wait for the connection; the client re-subscribes first
+        # (with the latest filters, task.*), then sends these two.
+        first = asyncio.create_task(client.subscribe("memory.*"))
+        await asyncio.sleep(0)
+        second = asyncio.create_task(client.subscribe("task.*"))
+        assert (await first)["event_types"] == ["memory.*"]  # type: ignore[index]
+        assert (await second)["event_types"] == ["task.*"]  # type: ignore[index]
+        assert server.manager.sessions[0].filters.event_types == ("task.*",)
+    finally:
+        await client.close()
+
+
+async def test_replies_without_ids_are_matched_oldest_first(
+    scripted_server: tuple[str, list[Any]],
+) -> None:
+    url, script = scripted_server
+
+    async def answer_without_ids(ws: ServerConnection) -> None:
+        for seq in (1, 2):
+            json.loads(await ws.recv())
+            ack = protocol.ack("published", event_id=f"evt_{seq}", seq=seq)
+            await ws.send(protocol.encode(ack).decode())
+        json.loads(await ws.recv())
+        await ws.send(protocol.encode(protocol.error("forbidden", "nope")).decode())
+
+    script += [{}, answer_without_ids]  # an older lab server: acks, no ids
+    client = await connect(url, "old")
+    try:
+        acks = await asyncio.gather(client.publish("a.b"), client.publish("a.c"))
+        assert [a["seq"] for a in acks if a] == [1, 2]
+        with pytest.raises(ProtocolError, match="nope"):
+            await client.subscribe("a.*")
+    finally:
+        await client.close()

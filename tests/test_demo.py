@@ -352,3 +352,12 @@ async def test_run_demo_with_a_token() -> None:
 
         with pytest.raises(ConnectionFailed, match=r"code 1008 .*--token or \$GATHERING_LAB_TOKEN"):
             await run_demo(server.url, count=1)
+
+
+def test_the_traffic_model_is_deterministic_and_shared() -> None:
+    from gathering_lab import demo, traffic
+
+    assert demo.demo_messages is traffic.demo_messages  # one model, re-exported
+    first = list(traffic.demo_messages(300, seed=7))
+    assert first == list(traffic.demo_messages(300, seed=7))
+    assert first != list(traffic.demo_messages(300, seed=8))

@@ -185,6 +185,8 @@ class _Handler:
         self._expiry: dict[Session, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self.max_message_size = max_message_size
+        #: True when the server broadcasts every event of its bus (serve(broadcast=True)).
+        self.all_events = True
         self.allow_any_origin = False
         self.allowed_origins: set[str] = set()
         for origin in allowed_origins:
@@ -299,7 +301,7 @@ class _Handler:
             return
         query = parse_qs(urlsplit(request.path).query)
         identity: Identity | None = None
-        via_frame = False
+        via_frame: protocol.Auth | bool = False
         if self.auth is not None:
             identity, via_frame = await self._authenticate(connection, request, query)
             if identity is None:
@@ -341,13 +343,19 @@ class _Handler:
                     seq=self.bus.last_seq,
                     epoch=self.bus.epoch,
                     filters=session.filters.to_dict(),
+                    # Every event after `seq` reaches this client unless its own filters
+                    # exclude it: a jump in seq is a loss (not so with a scope, or
+                    # broadcast=False, which skip events).
+                    contiguous=self.all_events and scope.unrestricted,
+                    request_ids=True,  # acks and errors echo the request's "id"
                     **extras,
                 ),
             )
             if identity is not None:
                 self._schedule_expiry(session)
                 if via_frame:
-                    self.manager.send(session, self._authenticated(session))
+                    request_id = via_frame.id if isinstance(via_frame, protocol.Auth) else None
+                    self.manager.send(session, self._authenticated(session, request_id))
             if resume is not None:
                 try:
                     await self._resume(session, resume, join=True)
@@ -371,13 +379,13 @@ class _Handler:
 
     async def _authenticate(
         self, connection: ServerConnection, request: Request, query: dict[str, list[str]]
-    ) -> tuple[Identity | None, bool]:
-        """Return the client's identity (and whether it came in a frame), or close 1008."""
+    ) -> tuple[Identity | None, protocol.Auth | bool]:
+        """Return the client's identity (and the auth frame it came in, if any), or close 1008."""
         assert self.auth is not None
         token = bearer_token(request.headers.get("Authorization"))
         if token is None:
             token = next(iter(query.get("token", [])), None)
-        via_frame = token is None
+        via_frame: protocol.Auth | bool = token is None
         if token is None:
             # Browsers cannot set headers: the first frame must be {"type": "auth"}.
             try:
@@ -400,6 +408,7 @@ class _Handler:
                 )
                 return None, True
             token = message.token
+            via_frame = message
         try:
             identity = self.auth.verify(token)
         except AuthError as exc:
@@ -415,11 +424,12 @@ class _Handler:
         logger.info("refused a client from %s: %s", connection.remote_address, reason)
         await connection.close(1008, reason[:120])
 
-    def _authenticated(self, session: Session) -> dict[str, Any]:
+    def _authenticated(self, session: Session, request_id: Any = None) -> dict[str, Any]:
         identity = session.identity
         assert identity is not None
         return protocol.ack(
             "authenticated",
+            request_id,
             client_id=session.client_id,
             **identity.to_dict(),
             expires_at=identity.expires_at,
@@ -456,11 +466,14 @@ class _Handler:
                 return
             if session.closing:  # evicted, or its token expired: the close is under way
                 continue
+            message: protocol.ClientMessage | None = None
             try:
                 message = protocol.parse_client_message(frame)
                 reply = await self._dispatch(session, message)
             except ProtocolError as exc:
-                reply = protocol.error(exc.code, exc.message)
+                # Echo the request's id, also when the message failed to parse.
+                request_id = exc.request_id if message is None else message.id
+                reply = protocol.error(exc.code, exc.message, request_id)
             if reply is not None:
                 self.manager.send(session, reply)
 
@@ -491,13 +504,13 @@ class _Handler:
                 project_id=message.project_id,
             )
             await self.bus.publish(event)
-            return protocol.ack("published", event_id=event.id, seq=event.seq)
+            return protocol.ack("published", message.id, event_id=event.id, seq=event.seq)
         if isinstance(message, protocol.Subscribe):
             self.manager.set_filters(session, message.filters)
-            return protocol.ack("subscribed", **message.filters.to_dict())
+            return protocol.ack("subscribed", message.id, **message.filters.to_dict())
         if isinstance(message, protocol.Unsubscribe):
             self.manager.set_filters(session, protocol.Filters())
-            return protocol.ack("subscribed", **protocol.Filters().to_dict())
+            return protocol.ack("subscribed", message.id, **protocol.Filters().to_dict())
         if isinstance(message, protocol.Resume):
             await self._resume(session, message)
             return None
@@ -520,7 +533,7 @@ class _Handler:
         session.identity = identity
         self.manager.set_scope(session, identity.receive_scope)
         self._schedule_expiry(session)
-        return self._authenticated(session)
+        return self._authenticated(session, message.id)
 
     @staticmethod
     def _resume_from_query(query: dict[str, list[str]]) -> protocol.Resume | None:
@@ -559,6 +572,7 @@ class _Handler:
             session,
             protocol.ack(
                 "resumed",
+                resume.id,
                 count=sent,
                 since_seq=resume.since_seq,
                 seq=bus.last_seq,
@@ -680,6 +694,7 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
             tls=ssl is not None,
             auth=auth,
         )
+        self.handler.all_events = broadcast
         self.options: dict[str, Any] = {
             "compression": "deflate" if compression == "deflate" else None,
             "max_size": max_message_size,

@@ -19,13 +19,12 @@ import logging
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 from traitlets import Float, HasTraits, Instance, TraitError, Unicode, observe, validate
 
-from .. import kernel, protocol
-from ..client import LabClient, http_url
-from ..exceptions import ConnectionFailed, ProtocolError
+from .. import connection, kernel, protocol
+from ..client import LabClient
+from ..exceptions import ConnectionFailed
 from ..frame import EventFrame
 from ..kernel import Lab
 
@@ -41,7 +40,7 @@ __all__ = [
 
 logger = logging.getLogger("gathering_lab.widgets")
 
-DEFAULT_URL = "ws://127.0.0.1:8000/ws/dashboard"
+DEFAULT_URL = connection.DEFAULT_URL
 #: The fastest the views may redraw: every 0.2 s, i.e. 5 times a second.
 MIN_INTERVAL = 0.2
 
@@ -66,31 +65,21 @@ def parse_id(text: str, name: str = "id") -> int | str | None:
 
 def stats_url(ws_url: str) -> str:
     """The ``/admin/websocket/stats`` URL of the server a WebSocket URL points at."""
-    return http_url(ws_url, "/admin/websocket/stats")
+    return connection.http_url(ws_url, "/admin/websocket/stats")
 
 
 def check_ws_url(url: str) -> str:
     """Return ``url`` stripped, or raise ValueError if it is not ``ws://host...``/``wss://``."""
-    url = url.strip()
-    parts = urlsplit(url)
-    if parts.scheme not in ("ws", "wss") or not parts.netloc:
-        raise ValueError(f"the URL must look like {DEFAULT_URL}, not {url!r}")
-    return url
+    try:
+        return connection.check_url(url)
+    except ValueError:
+        raise ValueError(f"the URL must look like {DEFAULT_URL}, not {url.strip()!r}") from None
 
 
-def same_server(url: str, other: str) -> bool:
-    """True if two WebSocket URLs point at the same endpoint (the query aside)."""
-    a, b = urlsplit(url), urlsplit(other)
-    return (a.scheme, a.netloc, a.path.rstrip("/")) == (b.scheme, b.netloc, b.path.rstrip("/"))
-
-
-def error_text(exc: BaseException) -> str:
-    """A one-line description of an exception for a label."""
-    if isinstance(exc, ProtocolError):
-        return f"{exc.code}: {exc.message}"
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return str(exc) or type(exc).__name__
+#: True if two WebSocket URLs point at the same endpoint (the query aside).
+same_server = connection.same_endpoint
+#: A one-line description of an exception for a label.
+error_text = connection.error_text
 
 
 class Controller(HasTraits):
