@@ -165,11 +165,19 @@ async def test_two_servers_on_two_buses_never_see_each_others_events() -> None:
             assert (await recv_json(wa))["type"] == "pong"  # nothing of bus b came first
 
 
-async def test_a_manager_serves_one_bus() -> None:
+async def test_a_manager_serves_one_bus_at_a_time() -> None:
     manager = ConnectionManager()
     async with running_server(bus=EventBus(), manager=manager):
         with pytest.raises(ValueError, match="serves one bus"):
             await serve(port=0, bus=EventBus(), manager=manager)
+    # Once that server is closed, the manager may serve a new run on another bus.
+    bus = EventBus()
+    async with running_server(bus=bus, manager=manager) as server:
+        assert manager.bus is bus
+        async with connect(server.url) as ws:
+            await recv_json(ws)
+            await bus.publish(Event(type="new.run"))
+            assert (await recv_json(ws))["seq"] == 1
 
 
 async def test_many_distinct_filters_each_get_exactly_what_matches(

@@ -53,7 +53,7 @@ DEFAULT_BROADCAST_EVENTS: tuple[EventType, ...] = (
 )
 
 # (bus, manager, event type) -> subscription id
-_active: dict[tuple[int, int, str], tuple[EventBus, str]] = {}
+_active: dict[tuple[int, int, str], tuple[EventBus, ConnectionManager, str]] = {}
 
 
 def _setup(
@@ -66,9 +66,9 @@ def _setup(
     key = (id(bus), id(manager), type_name)
     previous = _active.pop(key, None)
     if previous is not None:
-        previous[0].unsubscribe(previous[1])
+        previous[1].detach(previous[2])
     sub_id = manager.attach(bus, type_name, filter_fn)
-    _active[key] = (bus, sub_id)
+    _active[key] = (bus, manager, sub_id)
     return sub_id
 
 
@@ -109,9 +109,9 @@ def setup_custom_broadcasting(
 def teardown_broadcasting(*, bus: EventBus | None = None) -> int:
     """Undo every setup function call (for ``bus``, or all); returns how many were removed."""
     removed = 0
-    for key, (sub_bus, sub_id) in list(_active.items()):
+    for key, (sub_bus, manager, sub_id) in list(_active.items()):
         if bus is None or sub_bus is bus:
-            sub_bus.unsubscribe(sub_id)
+            manager.detach(sub_id)
             del _active[key]
             removed += 1
     return removed

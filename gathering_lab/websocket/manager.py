@@ -201,6 +201,7 @@ class ConnectionManager:
         self._pending_bytes = 0
         self._flush_handle: asyncio.Handle | None = None
         self._last_seq: dict[str | None, int] = {}
+        self._attachments: set[str] = set()  # bus subscriptions that feed broadcast()
         self._ids = itertools.count(1)
         self.total_connections = 0
         self.total_messages_sent = 0
@@ -222,20 +223,38 @@ class ConnectionManager:
         return self._bus() if self._bus is not None else None
 
     def bind(self, bus: Any) -> None:
-        """Serve ``bus``; raises ValueError if this manager already serves another bus."""
+        """Serve ``bus``.
+
+        Raises ValueError while this manager serves another bus (it has clients or
+        a bus subscription there); once both are gone it may move to a new bus.
+        """
         current = self.bus
-        if current is None:
-            self._bus = weakref.ref(bus)
-        elif current is not bus:
+        if current is bus:
+            return
+        if current is not None and (self._sessions or self._attachments):
             raise ValueError(
                 f"this connection manager already serves {current!r}; a manager serves one "
                 "bus: pass manager_for(bus) or a new ConnectionManager()"
             )
+        self._bus = weakref.ref(bus)
+        self._last_seq.clear()
 
     def attach(self, bus: Any, event_type: str = "*", filter_fn: Any = None) -> str:
         """Broadcast ``bus`` events of ``event_type`` to clients; returns the subscription id."""
         self.bind(bus)
-        return str(bus.subscribe(event_type, self.broadcast, filter_fn, name="websocket-broadcast"))
+        sub_id = str(
+            bus.subscribe(event_type, self.broadcast, filter_fn, name="websocket-broadcast")
+        )
+        self._attachments.add(sub_id)
+        return sub_id
+
+    def detach(self, sub_id: str) -> bool:
+        """Undo :meth:`attach`; returns False if ``sub_id`` is not one of this manager's."""
+        if sub_id not in self._attachments:
+            return False
+        self._attachments.discard(sub_id)
+        bus = self.bus
+        return bool(bus is not None and bus.unsubscribe(sub_id))
 
     # Registry
 

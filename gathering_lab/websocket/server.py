@@ -132,7 +132,7 @@ class Server:
     def close(self) -> None:
         """Stop accepting connections and close every client with 1001 (going away)."""
         if self._subscription is not None:
-            self.bus.unsubscribe(self._subscription)
+            self.manager.detach(self._subscription)
             self._subscription = None
         self.manager.flush()
         # Release the port now (websockets closes the listening socket in a task),
