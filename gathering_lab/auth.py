@@ -34,6 +34,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote_plus
+
+from websockets.protocol import Side
 
 from .exceptions import AuthError
 
@@ -43,6 +46,7 @@ __all__ = [
     "NOTHING",
     "ROLES",
     "SECRET_ENV",
+    "TIME_CLAIMS",
     "Identity",
     "JWTAuth",
     "RedactTokens",
@@ -181,15 +185,38 @@ def _check_roles(value: Any) -> frozenset[str]:
     return frozenset(value)
 
 
+#: The claims that hold a time (RFC 7519 "NumericDate": a JSON number of seconds).
+TIME_CLAIMS = ("exp", "nbf", "iat")
+
+
+def _numeric_date(claims: Mapping[str, Any], name: str) -> float | None:
+    """Return claim ``name`` as seconds, None if absent; refuse anything but a finite number.
+
+    PyJWT reads these claims with ``int()``, so it takes ``"9999999999"`` (a string) as a
+    time: a token that never expires. A string, a bool, NaN or an infinity is refused here.
+    """
+    value = claims.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise AuthError(
+            f"invalid token: '{name}' must be a number of seconds, not {type(value).__name__}"
+        )
+    if not math.isfinite(value):
+        raise AuthError(f"invalid token: '{name}' must be a finite number of seconds")
+    return float(value)
+
+
 def identity_from_claims(claims: Mapping[str, Any]) -> Identity:
     """Check decoded claims and return the :class:`Identity` they describe."""
+    for name in TIME_CLAIMS:
+        _numeric_date(claims, name)
     sub = claims.get("sub")
     if not isinstance(sub, str) or not _SUB.match(sub):
         raise AuthError(
             "invalid token: 'sub' must be 1-128 letters, digits or . _ - : @ ~ + "
             "(it becomes the client id)"
         )
-    exp = claims.get("exp")
     return Identity(
         sub=sub,
         roles=_check_roles(claims.get("roles")),
@@ -197,7 +224,7 @@ def identity_from_claims(claims: Mapping[str, Any]) -> Identity:
             _check_ids("circles", claims.get("circles")),
             _check_ids("projects", claims.get("projects")),
         ),
-        expires_at=float(exp) if isinstance(exp, int | float) else None,
+        expires_at=_numeric_date(claims, "exp"),
     )
 
 
@@ -282,12 +309,14 @@ class JWTAuth:
                 leeway=self.leeway,
                 audience=self.audience,
                 issuer=self.issuer,
-                options={"require": ["exp", "sub"]},
+                # The times are checked below: PyJWT takes "9999999999" (a string) for one.
+                options={
+                    "require": ["exp", "sub"],
+                    "verify_exp": False,
+                    "verify_nbf": False,
+                    "verify_iat": False,
+                },
             )
-        except jwt.ExpiredSignatureError:
-            raise AuthError("token expired") from None
-        except jwt.ImmatureSignatureError:
-            raise AuthError("token not valid yet") from None
         except jwt.MissingRequiredClaimError as exc:
             raise AuthError(f"invalid token: no '{exc.claim}' claim") from None
         except jwt.InvalidAlgorithmError:
@@ -299,7 +328,20 @@ class JWTAuth:
         except jwt.PyJWTError:
             # Other messages may quote parts of the token: say nothing more.
             raise AuthError("invalid token") from None
+        self._check_times(claims)
         return identity_from_claims(claims)
+
+    def _check_times(self, claims: Mapping[str, Any]) -> None:
+        """Refuse a token whose times are not numbers, that expired, or is not valid yet."""
+        exp, nbf, iat = (_numeric_date(claims, name) for name in TIME_CLAIMS)
+        now = time.time()
+        if exp is not None and exp <= now - self.leeway:
+            raise AuthError("token expired")
+        # As PyJWT does: not before nbf, and not issued in the future.
+        if (nbf is not None and nbf > now + self.leeway) or (
+            iat is not None and iat > now + self.leeway
+        ):
+            raise AuthError("token not valid yet")
 
     def __repr__(self) -> str:  # never show the key; two instances never look alike
         return f"<JWTAuth {self.algorithm} timeout={self.timeout:g} at {id(self):#x}>"
@@ -401,8 +443,8 @@ def bearer_token(header: str | None) -> str | None:
 
 
 _REDACTIONS = (
-    # ?token=... or &token=... in request lines and URLs.
-    (re.compile(r"(?i)([?&;]token=)[^&\s'\"#]*"), r"\1<redacted>"),
+    # &token=... in a query string logged without its "?".
+    (re.compile(r"(?i)([&;]token=)[^&;\s'\"#]*"), r"\1<redacted>"),
     # Authorization: <anything>, as websockets logs headers.
     (re.compile(r"(?i)(authorization:\s*)[^\r\n]*"), r"\1<redacted>"),
     (re.compile(r"(?i)(bearer\s+)[^\s'\",]+"), r"\1<redacted>"),
@@ -411,10 +453,38 @@ _REDACTIONS = (
     # Anything else shaped like a JWT (header.payload[.signature]).
     (re.compile(r"eyJ[\w-]{2,}\.[\w-]*(\.[\w-]*)?"), "<redacted>"),
 )
+#: A query string in a request line, URL or header: up to whitespace, a quote or a fragment.
+_QUERY = re.compile(r"\?[^\s'\"#]+")
+_QUERY_SEPARATOR = re.compile(r"([&;])")
+
+
+def _query_key(key: str) -> str:
+    """The key as a server would read it: percent-decoded (repeatedly), lowercase."""
+    for _ in range(3):  # %2574oken -> %74oken -> token
+        decoded = unquote_plus(key)
+        if decoded == key:
+            break
+        key = decoded
+    return key.lower()
+
+
+def _redact_query(match: re.Match[str]) -> str:
+    parts = _QUERY_SEPARATOR.split(match.group(0)[1:])
+    for i in range(0, len(parts), 2):  # even items are key=value, odd ones separators
+        key, equals, _ = parts[i].partition("=")
+        if equals and "token" in _query_key(key):
+            parts[i] = f"{key}=<redacted>"
+    return "?" + "".join(parts)
 
 
 def redact(text: str) -> str:
-    """Return ``text`` with anything that looks like a token replaced by ``<redacted>``."""
+    """Return ``text`` with anything that looks like a token replaced by ``<redacted>``.
+
+    In a query string, the value of every key that contains ``token`` once
+    percent-decoded (``token``, ``TOKEN``, ``%74oken``, ``access_token``) is redacted.
+    """
+    if "?" in text:
+        text = _QUERY.sub(_redact_query, text)
     for pattern, replacement in _REDACTIONS:
         text = pattern.sub(replacement, text)
     return text
@@ -423,45 +493,70 @@ def redact(text: str) -> str:
 class RedactTokens(logging.Filter):
     """A logging filter that removes tokens from records (request lines, headers, frames).
 
-    A logged WebSocket frame (an argument with ``opcode`` and ``data``) that contains
-    ``token`` anywhere in its payload is replaced by its size alone: websockets elides
-    long frames, so a token cut in two would escape a pattern.
+    Every WebSocket frame the *client* sends (logged by websockets as ``"< %s"`` on the
+    server, ``"> %s"`` on the client) is shown by its opcode and size alone: a token can
+    travel in an ``auth`` frame at any time, split over continuation frames that no
+    pattern can recognise. Frames the server sends are shown, unless they mention a
+    token. Formatted tracebacks are redacted too (websockets quotes a bad request line).
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
-        if isinstance(args, tuple) and any(_is_token_frame(a) for a in args):
-            shown = tuple(_frame_summary(a) if _is_token_frame(a) else a for a in args)
+        if isinstance(args, tuple) and any(_is_frame(a) for a in args):
+            hide_all = _from_client(record)
+            shown = tuple(
+                _frame_summary(a) if _is_frame(a) and (hide_all or _mentions_token(a)) else a
+                for a in args
+            )
             try:
                 record.msg = redact(str(record.msg) % shown)
             except (TypeError, ValueError):
                 record.msg = "<redacted>"
             record.args = ()
-            return True
-        try:
-            message = record.getMessage()
-        except Exception:  # let logging report its own formatting errors
-            return True
-        redacted = redact(message)
-        if redacted != message:
-            record.msg = redacted
-            record.args = ()
+        else:
+            try:
+                message = record.getMessage()
+            except Exception:  # let logging report its own formatting errors
+                return True
+            redacted = redact(message)
+            if redacted != message:
+                record.msg = redacted
+                record.args = ()
+        if record.exc_info and not record.exc_text:
+            text = logging.Formatter().formatException(record.exc_info)
+            redacted = redact(text)
+            if redacted != text:  # handlers then print this text, not the exception
+                record.exc_text = redacted
+                record.exc_info = None
         return True
 
 
-def _is_token_frame(value: Any) -> bool:
-    data = getattr(value, "data", None)
-    if getattr(value, "opcode", None) is None or not isinstance(
-        data, bytes | bytearray | memoryview
-    ):
-        return False
-    payload = bytes(data)
-    return b"token" in payload.lower() or b"eyJ" in payload
+def _is_frame(value: Any) -> bool:
+    return getattr(value, "opcode", None) is not None and isinstance(
+        getattr(value, "data", None), bytes | bytearray | memoryview
+    )
+
+
+def _from_client(record: logging.LogRecord) -> bool:
+    """True if the frame logged by ``record`` travels from the client to the server."""
+    received = str(record.msg).startswith("<")
+    try:  # websockets' LoggerAdapter puts (a weak proxy to) the connection on each record
+        side = record.websocket.protocol.side  # type: ignore[attr-defined]
+    except (AttributeError, ReferenceError):
+        return True  # which side logged it is unknown: hide frames both ways
+    return received if side == Side.SERVER else not received
+
+
+def _mentions_token(frame: Any) -> bool:
+    payload = bytes(frame.data).lower()
+    return b"token" in payload or b"eyj" in payload
 
 
 def _frame_summary(frame: Any) -> str:
     name = getattr(frame.opcode, "name", "frame")
-    return f"{name} <redacted: may hold a token> [{len(frame.data)} bytes]"
+    size = len(frame.data)
+    more = "" if getattr(frame, "fin", True) else ", continued"
+    return f"{name} <{size} byte{'' if size == 1 else 's'}{more}>"
 
 
 _FILTER = RedactTokens()

@@ -249,6 +249,7 @@ def test_durations_and_bearer_headers() -> None:
 
 def test_redaction_patterns() -> None:
     tok = token()
+    signature = tok.rsplit(".", 1)[1]
     lines = [
         f"< GET /ws/dashboard?client_id=x&token={tok} HTTP/1.1",
         f"< GET /ws/dashboard?token={tok}&client_id=x HTTP/1.1",
@@ -257,6 +258,12 @@ def test_redaction_patterns() -> None:
         f'< TEXT \'{{"type":"auth","data":{{"token":"{tok[:30]}...{tok[-20:]}"}}}}\'',
         f"connection to ws://h/ws?token={tok} lost",
         f"something {tok} else",
+        # Keys written percent-encoded, with a value no pattern recognises (a signature).
+        f"< GET /ws/dashboard?%74oken={signature} HTTP/1.1",
+        f"< GET /ws/dashboard?client_id=x&TOK%2565N={signature}",
+        f"< GET /ws/dashboard?access_token={signature}",
+        f"connecting to 'ws://h/?a=1&t%6Fken={signature}'",
+        f"query a=1&TOKEN={signature}",
     ]
     for line in lines:
         cleaned = redact(line)
@@ -691,7 +698,7 @@ async def test_tokens_never_reach_a_log(
     assert "< GET /ws/dashboard?client_id=q&token=<redacted> HTTP/1.1" in text
     assert "< Authorization: <redacted>" in text
     assert "> Authorization: <redacted>" in text  # the client's side
-    assert "<redacted: may hold a token>" in text  # an auth frame
+    assert "gathering_lab.websocket.connection < TEXT <" in text  # an auth frame: its size
     assert "GET /admin/websocket/stats?token=<redacted>" in text
     # ...and no token, nor a piece of one.
     for name, tok in tokens.items():
@@ -802,3 +809,261 @@ async def test_cli_serve_with_a_secret_logs_no_token_at_debug() -> None:
     assert "token=<redacted>" in output and "Authorization: <redacted>" in output
     for tok in (good, bad):
         assert tok not in output and tok.rsplit(".", 1)[1][:16] not in output
+
+
+# Abuse (issue 8): time claims that are not numbers
+
+
+def _signed(**claims: Any) -> str:
+    payload = {"sub": "alice", "roles": ["subscribe"], "exp": int(time.time()) + 600, **claims}
+    return jwt.encode(payload, SECRET, algorithm="HS256")
+
+
+@pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        # PyJWT reads these with int(): "9999999999" would be a token that never expires.
+        ({"exp": "9999999999"}, "'exp' must be a number of seconds, not str"),
+        ({"nbf": "0"}, "'nbf' must be a number of seconds, not str"),
+        ({"iat": "0"}, "'iat' must be a number of seconds, not str"),
+        ({"exp": True}, "'exp' must be a number of seconds, not bool"),
+        ({"nbf": False}, "'nbf' must be a number of seconds, not bool"),
+        ({"exp": [9999999999]}, "'exp' must be a number of seconds, not list"),
+        ({"exp": {"n": 1}}, "'exp' must be a number of seconds, not dict"),
+        ({"exp": float("nan")}, "'exp' must be a finite number"),
+        ({"exp": float("inf")}, "'exp' must be a finite number"),
+        ({"iat": float("-inf")}, "'iat' must be a finite number"),
+    ],
+)
+def test_time_claims_must_be_numbers(claims: dict[str, Any], reason: str) -> None:
+    with pytest.raises(AuthError, match=reason):
+        JWTAuth(SECRET).verify(_signed(**claims))
+
+
+def test_time_claims_keep_their_meaning() -> None:
+    now = time.time()
+    auth = JWTAuth(SECRET)
+    identity = auth.verify(_signed(exp=now + 60.5, nbf=now - 1.5, iat=int(now)))
+    assert identity.expires_at == now + 60.5
+    with pytest.raises(AuthError, match="token expired"):
+        auth.verify(_signed(exp=now - 1))
+    with pytest.raises(AuthError, match="not valid yet"):
+        auth.verify(_signed(nbf=now + 60))
+    with pytest.raises(AuthError, match="not valid yet"):
+        auth.verify(_signed(iat=now + 60))
+    assert JWTAuth(SECRET, leeway=120).verify(_signed(exp=now - 60, nbf=now + 60)).sub == "alice"
+    with pytest.raises(ValueError, match="'exp' must be a number"):
+        mint_token(SECRET, "alice", exp="9999999999")
+
+
+async def test_string_times_are_refused_everywhere(server: Server) -> None:
+    never_expires = _signed(exp="9999999999")
+    # The upgrade's header, the query string and the first frame: closed 1008, naming 'exp'.
+    ws = await connect(server.url, additional_headers={"Authorization": f"Bearer {never_expires}"})
+    assert await closed_before_any_message(ws) == (
+        1008,
+        "invalid token: 'exp' must be a number of seconds, not str",
+    )
+    ws = await connect(f"{server.url}?token={_signed(nbf='0')}")
+    assert (await closed_before_any_message(ws))[1] == (
+        "invalid token: 'nbf' must be a number of seconds, not str"
+    )
+    ws = await connect(server.url)
+    await ws.send(json.dumps({"type": "auth", "data": {"token": _signed(iat="0")}}))
+    assert (await closed_before_any_message(ws))[1] == (
+        "invalid token: 'iat' must be a number of seconds, not str"
+    )
+    # A fresh token on an open connection: unauthorized, and the connection keeps its token.
+    async with await joined(server, token()) as ws:
+        await ws.send(json.dumps({"type": "auth", "data": {"token": never_expires}}))
+        reply = await recv_json(ws)
+        assert reply["type"] == "error" and reply["data"]["code"] == "unauthorized"
+        assert "'exp' must be a number" in reply["data"]["message"]
+        await ws.send(json.dumps({"type": "ping"}))
+        assert (await recv_json(ws))["type"] == "pong"
+    # The stats: 401.
+    admin = _signed(sub="root", roles=["admin"], exp="9999999999")
+    status, headers, body = await asyncio.to_thread(
+        http_get,
+        server.http_url + "/admin/websocket/stats",
+        {"Authorization": f"Bearer {admin}"},
+    )
+    assert (status, body["error"]) == (
+        401,
+        "unauthorized: invalid token: 'exp' must be a number of seconds, not str",
+    )
+    assert 'error="invalid_token"' in headers["WWW-Authenticate"]
+
+
+# Abuse: duplicated headers
+
+
+async def raw_http(server: Server, head: str) -> tuple[int, Any]:
+    """Send ``head`` (a request without its final blank line) and read the whole answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        writer.write(head.replace("\n", "\r\n").encode() + b"\r\n\r\n")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout(5))
+    finally:
+        writer.close()
+    status_line, _, rest = answer.partition(b"\r\n")
+    body = rest.partition(b"\r\n\r\n")[2]
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        parsed = body
+    return int(status_line.split()[1]), parsed
+
+
+UPGRADE = (
+    "Connection: Upgrade\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\nSec-WebSocket-Version: 13"
+)
+
+
+async def test_duplicated_headers_are_a_400_on_every_route(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name in ("gathering_lab", "gathering_lab.websocket.server"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    one, two = token("a"), token("b", ["admin"])
+    auth2 = f"Authorization: Bearer {one}\nAuthorization: Bearer {two}"
+    requests = {
+        "ws-auth": f"GET /ws/dashboard HTTP/1.1\nHost: x\nUpgrade: websocket\n{UPGRADE}\n{auth2}",
+        "stats-auth": f"GET /admin/websocket/stats HTTP/1.1\nHost: x\n{auth2}",
+        "health-auth": f"GET /health HTTP/1.1\nHost: x\n{auth2}",
+        "ws-host": f"GET /ws/dashboard HTTP/1.1\nHost: x\nHost: y\nUpgrade: websocket\n{UPGRADE}",
+        "ws-upgrade": (
+            f"GET /ws/dashboard HTTP/1.1\nHost: x\nUpgrade: websocket\nUpgrade: h2c\n{UPGRADE}"
+        ),
+    }
+    problems = {
+        "ws-auth": "2 'Authorization' headers",
+        "stats-auth": "2 'Authorization' headers",
+        "health-auth": "2 'Authorization' headers",
+        "ws-host": "2 'Host' headers",
+        "ws-upgrade": "2 'Upgrade' headers",
+    }
+    rejected = server.manager.rejected_connections
+    for name, head in requests.items():
+        status, body = await raw_http(server, head)
+        expected = {"error": f"bad request: {problems[name]}; send exactly one"}
+        assert (status, body) == (400, expected), name
+    stats = server.get_stats()
+    assert stats["bad_requests"] == 5
+    assert server.manager.rejected_connections == rejected + 3  # the three WebSocket upgrades
+    logged = [r for r in caplog.records if "bad request" in r.getMessage()]
+    assert len(logged) == 5 and all(r.levelno == logging.INFO for r in logged)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert one[-20:] not in text and two[-20:] not in text
+    # The server is unharmed.
+    async with await joined(server, token()):
+        pass
+
+
+# Abuse: tokens in disguise, in the logs
+
+
+#: The loggers that see request lines and frames (``gathering-lab serve`` quiets the first).
+LOGGERS = ("gathering_lab.websocket.connection", "gathering_lab.client.connection")
+
+
+def _leaks(text: str, tokens: dict[str, str]) -> list[str]:
+    """The tokens of which any 8-character piece is in ``text`` (also once percent-decoded).
+
+    Tokens share their header and much of their payload: a shared piece counts as a leak
+    of every token, and a leaked signature names its token.
+    """
+    texts = (text, urllib.parse.unquote_plus(text))
+    leaked = [
+        name
+        for name, tok in tokens.items()
+        if any(tok[i : i + 8] in t for t in texts for i in range(len(tok) - 7))
+    ]
+    signatures = [
+        name
+        for name, tok in tokens.items()
+        for sig in [tok.rsplit(".", 1)[1]]
+        if any(sig[i : i + 8] in t for t in texts for i in range(len(sig) - 7))
+    ]
+    return signatures or leaked
+
+
+def _fragments(message: str, secret: str) -> list[str]:
+    """``message`` cut in three, the cuts inside ``secret``: the middle part is base64 only."""
+    start = message.index(secret)
+    return [message[: start + 12], message[start + 12 : -30], message[-30:]]
+
+
+async def test_disguised_and_fragmented_tokens_never_reach_a_log(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name in ("gathering_lab", *LOGGERS):
+        caplog.set_level(logging.DEBUG, logger=name)
+    tokens = {name: token(name, ["subscribe", "publish", "admin"]) for name in "abcdefghijk"}
+    tokens["f"] = token("e", circles=[3])  # a fresh token for client "e"
+    tokens["k"] = token("j", ["subscribe", "publish"])  # and for client "j"
+
+    def encoded(text: str) -> str:
+        return "".join(f"%{b:02X}" for b in text.encode())
+
+    # Keys the server decodes to "token" (parse_qs), values written percent-encoded.
+    for query in (
+        f"?%74oken={encoded(tokens['a'])}",
+        f"?client_id=x&tok%65n={tokens['b']}",
+        f"?token={encoded(tokens['c'])}",
+    ):
+        async with connect(server.url + query) as ws:
+            assert (await recv_json(ws))["type"] == "connection.established"
+    # A key the server does not read (TOKEN=), then an auth frame in three fragments,
+    # then a fresh token on the open connection, also in fragments.
+    async with connect(f"{server.url}?TOKEN={tokens['d']}") as ws:
+        message = json.dumps({"type": "auth", "data": {"token": tokens["e"]}})
+        await ws.send(_fragments(message, tokens["e"]))
+        await recv_until(ws, lambda m: m["type"] == "authenticated")
+        message = json.dumps({"type": "auth", "data": {"token": tokens["f"]}})
+        await ws.send(_fragments(message, tokens["f"]))
+        await recv_until(ws, lambda m: m["type"] == "authenticated")
+    # The stats with a disguised key.
+    status, _, _ = await asyncio.to_thread(
+        http_get, f"{server.http_url}/admin/websocket/stats?%54%4F%4B%45%4E={tokens['g']}"
+    )
+    assert status == 401  # TOKEN is not token: no token found
+    status, _, _ = await asyncio.to_thread(
+        http_get, f"{server.http_url}/admin/websocket/stats?%74oken={tokens['h']}"
+    )
+    assert status == 200
+    # A request line websockets cannot parse: it quotes it in the traceback it logs.
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(f"GET /ws/dashboard?token={tokens['i']} HTTP/2.0\r\n\r\n".encode())
+    await asyncio.wait_for(reader.read(), timeout(5))
+    writer.close()
+    # The client's side: a disguised key in its URL, and a fresh token in an auth frame.
+    client = LabClient(f"{server.url}?%74oken={tokens['j']}", "j")
+    await client.connect()
+    await client.authenticate(tokens["k"])
+    await client.publish("a.b", {"note": "no secret here"})
+    await client.close()
+
+    records = [r for r in caplog.records if r.name.startswith("gathering_lab")]
+    formatter = logging.Formatter("%(name)s %(message)s")
+    text = "\n".join(formatter.format(r) for r in records)
+    # What travelled was logged, every token redacted...
+    assert "< GET /ws/dashboard?%74oken=<redacted> HTTP/1.1" in text
+    assert "?client_id=x&tok%65n=<redacted>" in text
+    assert "?TOKEN=<redacted>" in text
+    assert "/admin/websocket/stats?%54%4F%4B%45%4E=<redacted>" in text
+    assert "gathering_lab.client.connection > GET /ws/dashboard?token=<redacted>" in text
+    assert "! no valid HTTP request" in text and "HTTP/2.0" in text
+    # ...frames from the client by their size alone, in the server's log and the client's...
+    assert "gathering_lab.websocket.connection < CONT <" in text
+    assert "gathering_lab.client.connection > TEXT <" in text
+    # even a publish, which mentions no token (its event, sent back to the client, shows)
+    assert "gathering_lab.client.connection > TEXT '" not in text
+    assert "gathering_lab.websocket.connection < TEXT '" not in text
+    # ...while frames to the client stay readable (the server writes most of them raw,
+    # past websockets' logging: the client's log shows them).
+    assert 'gathering_lab.client.connection < TEXT \'{"type":"connection.established"' in text
+    # ...and no piece of any token.
+    assert _leaks(text, tokens) == []

@@ -51,6 +51,8 @@ WS_PATH = "/ws/dashboard"
 DEFAULT_MAX_MESSAGE_SIZE = 2**20
 #: Browser origins accepted by default: loopback hosts on any port.
 LOOPBACK_ORIGIN = re.compile(r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d{1,5})?$")
+#: Headers the server reads one value of: a request with two of one is answered 400.
+_SINGLE_HEADERS = ("Authorization", "Host", "Upgrade")
 _CLIENT_ID = re.compile(r"^[\w.:@~+-]{1,128}$")
 _STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -184,6 +186,8 @@ class _Handler:
         self.auth = auth
         self._expiry: dict[Session, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: HTTP requests answered 400 (duplicated headers), on any route.
+        self.bad_requests = 0
         self.max_message_size = max_message_size
         #: True when the server broadcasts every event of its bus (serve(broadcast=True)).
         self.all_events = True
@@ -199,6 +203,10 @@ class _Handler:
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
+        for name in _SINGLE_HEADERS:  # read with headers.get(), which raises on duplicates
+            count = len(request.headers.get_all(name))
+            if count > 1:
+                return self._bad_request(connection, path, f"{count} {name!r} headers")
         if request.method != "GET":
             return _json_response(
                 http.HTTPStatus.METHOD_NOT_ALLOWED,
@@ -237,6 +245,16 @@ class _Handler:
                 return _response(http.HTTPStatus.OK, body, _STATIC_TYPES[suffix])
         return _json_response(http.HTTPStatus.NOT_FOUND, {"error": f"not found: {path}"})
 
+    def _bad_request(self, connection: ServerConnection, path: str, problem: str) -> Response:
+        """Count, log (without header values) and answer 400 to a malformed request."""
+        self.bad_requests += 1
+        if path == WS_PATH:
+            self.manager.rejected_connections += 1
+        logger.info("bad request for %s from %s: %s", path, connection.remote_address, problem)
+        return _json_response(
+            http.HTTPStatus.BAD_REQUEST, {"error": f"bad request: {problem}; send exactly one"}
+        )
+
     def _check_admin(self, request: Request) -> Response | None:
         """None if the request carries a token with the admin role, else a 401/403 response."""
         assert self.auth is not None
@@ -272,6 +290,7 @@ class _Handler:
         stats["bus"] = self.bus.get_stats()
         stats["server"] = f"gathering_lab/{__version__}"
         stats["auth"] = None if self.auth is None else self.auth.algorithm
+        stats["bad_requests"] = self.bad_requests
         return stats
 
     def origin_allowed(self, origin: str | None, host: str | None = None) -> bool:
