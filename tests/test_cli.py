@@ -493,7 +493,9 @@ async def publish_mixed(guide: GuideServer) -> None:
     await guide.broadcast(type="task.created", data={"task_id": 1}, circle_id=1, project_id=1)
     await guide.broadcast(type="task.created", data={"task_id": 2}, circle_id=2, project_id=2)
     await guide.broadcast(type="circle.started", data={}, circle_id=1, project_id=1)
-    await guide.broadcast(type="task.completed", data={"task_id": 1}, circle_id="1")
+    # Ids compare exactly (protocol.Filters): circle "1" is not circle 1.
+    await guide.broadcast(type="task.completed", data={"task_id": 3}, circle_id="1")
+    await guide.broadcast(type="task.completed", data={"task_id": 1}, circle_id=1)
 
 
 async def test_listen_filters_locally_against_the_guide_protocol(guide_server: GuideServer) -> None:
@@ -608,7 +610,10 @@ def test_format_event() -> None:
         (protocol.Filters(("task.*",)), {"type": "task.conflict.detected"}, True),
         (protocol.Filters(("task.*",)), {"type": "agent.task.assigned"}, False),
         (protocol.Filters(("task.created",)), {"type": "task.created"}, True),
-        (protocol.Filters(circle_id=1), {"type": "a.b", "circle_id": "1"}, True),
+        (protocol.Filters(circle_id=1), {"type": "a.b", "circle_id": 1}, True),
+        (protocol.Filters(circle_id=1), {"type": "a.b", "circle_id": "1"}, False),
+        (protocol.Filters(circle_id="1"), {"type": "a.b", "circle_id": 1}, False),
+        (protocol.Filters(circle_id=1), {"type": "a.b", "circle_id": True}, False),
         (protocol.Filters(circle_id=1), {"type": "a.b", "circle_id": None}, False),
         (protocol.Filters(project_id="p"), {"type": "a.b", "project_id": "q"}, False),
     ],

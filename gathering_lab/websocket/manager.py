@@ -245,8 +245,13 @@ class ConnectionManager:
         self.total_broadcasts += 1
         if not self._sessions:
             return
+        try:
+            size = len(event.encoded())
+        except ValueError:  # never numbered by a bus: it cannot be sent, skip it
+            logger.error("not broadcasting %s", event.id, exc_info=True)
+            return
         self._pending.append(event)
-        self._pending_bytes += len(event.encoded())
+        self._pending_bytes += size
         if self._pending_bytes >= self.flush_bytes:
             self.flush()
         elif self._flush_handle is None:
