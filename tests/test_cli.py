@@ -420,7 +420,31 @@ BAD_ARGUMENTS = [
     ("listen", "--circle", ""),
     ("listen", "https://example.com/ws"),
     ("serve", "--port", "70000"),
+    ("serve", "--history", "0"),
+    ("serve", "--history-bytes", "lots"),
+    ("serve", "--max-patterns", "-1"),
 ]
+
+
+async def test_serve_history_and_pattern_limits() -> None:
+    args = ("--port", "0", "--history", "5", "--history-bytes", "1MiB", "--max-patterns", "3")
+    async with cli("serve", *args) as proc:
+        url = (await proc.wait_line("out", URL_LINE.pattern)).group(1)
+        async with connect(url) as ws:
+            await recv_json(ws)
+            patterns = ["a.b", "a.c", "a.d", "a.e"]
+            await ws.send(json.dumps({"type": "subscribe", "data": {"event_types": patterns}}))
+            reply = await recv_json(ws)
+            assert reply["data"]["code"] == "too_large" and "limit is 3" in reply["data"]["message"]
+            for _ in range(8):
+                await ws.send(json.dumps({"type": "publish", "data": {"type": "a.b", "data": {}}}))
+            received = [await recv_json(ws) for _ in range(16)]
+            assert sum(m["type"] == "published" for m in received) == 8
+        async with connect(url + "?last_seq=0") as late:
+            await recv_json(late)
+            replayed = [await recv_json(late) for _ in range(6)]
+        assert [m.get("seq") for m in replayed[:5]] == [4, 5, 6, 7, 8]
+        assert replayed[5]["type"] == "resumed" and replayed[5]["data"]["gap"] is True
 
 
 @pytest.mark.parametrize("args", BAD_ARGUMENTS, ids=" ".join)
