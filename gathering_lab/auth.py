@@ -39,6 +39,7 @@ from urllib.parse import unquote_plus
 from websockets.protocol import Side
 
 from .exceptions import AuthError
+from .protocol import id_key
 
 __all__ = [
     "DEFAULT_AUTH_TIMEOUT",
@@ -78,10 +79,12 @@ _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def _in(value: Any, allowed: frozenset[Any]) -> bool:
-    try:
-        return value in allowed
-    except TypeError:  # an unhashable id: not in any list
-        return False
+    """True if the id ``value`` is in ``allowed``, by the filters' rule (:func:`protocol.id_key`).
+
+    Exact: ``1`` and ``"1"`` are different circles; ``True`` and ``1.0`` are no ids.
+    """
+    key = id_key(value)
+    return key is not None and key in allowed
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,16 @@ def _size(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}: expected an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid number {value}: at least 1")
+    return value
+
+
 def _seconds(text: str) -> float:
     from .auth import parse_duration
 
@@ -403,6 +413,27 @@ def _build_parser() -> argparse.ArgumentParser:
         help="pending outgoing bytes per client before it is closed as slow (4m)",
     )
     serve.add_argument(
+        "--history",
+        type=_positive,
+        default=10_000,
+        metavar="N",
+        help="events kept for clients that resume (10000)",
+    )
+    serve.add_argument(
+        "--history-bytes",
+        type=_size,
+        default=64 * 2**20,
+        metavar="SIZE",
+        help="encoded bytes of events kept for resumes; the oldest go first (64m)",
+    )
+    serve.add_argument(
+        "--max-patterns",
+        type=_positive,
+        default=64,
+        metavar="N",
+        help="event type patterns one subscribe may hold (64)",
+    )
+    serve.add_argument(
         "--compression",
         choices=("off", "deflate"),
         default="off",
@@ -443,6 +474,7 @@ def _add_log_level(parser: argparse.ArgumentParser, default: str = "info") -> No
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from .events import event_bus
     from .websocket import serve
 
     ssl_context = None
@@ -458,9 +490,12 @@ async def _serve(args: argparse.Namespace) -> int:
             raise SystemExit(f"gathering-lab serve: cannot load TLS certificate: {exc}") from None
 
     auth = _auth_from_args(args)
+    event_bus.configure(history_size=args.history, history_bytes=args.history_bytes)
     server = await serve(
         args.host,
         args.port,
+        bus=event_bus,
+        max_patterns=args.max_patterns,
         allowed_origins=args.allowed_origin,
         auth=auth,
         max_message_size=args.max_message_size,

@@ -30,7 +30,7 @@ from typing import Any
 from . import protocol
 from .exceptions import ProtocolError
 
-__all__ = ["Event", "EventBus", "EventHandler", "EventType", "event_bus"]
+__all__ = ["DEFAULT_HISTORY_BYTES", "Event", "EventBus", "EventHandler", "EventType", "event_bus"]
 
 logger = logging.getLogger("gathering_lab.events")
 
@@ -68,6 +68,7 @@ class EventType(str, Enum):
 
 
 _KNOWN_TYPES = {member.value: member for member in EventType}
+_ID_FIELDS = frozenset({"circle_id", "project_id", "source_agent_id"})
 
 
 def _coerce_type(value: EventType | str) -> EventType | str:
@@ -96,7 +97,8 @@ class Event:
     seq: int | None = None
     epoch: str | None = None
     _wire: bytes | None = field(default=None, repr=False)
-    _frame: bytes | None = field(default=None, repr=False)  # the server's text frame, cached
+    #: The WebSocket text frame around ``_wire``, built and cached by the connection manager.
+    _frame: bytes | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.type = _coerce_type(self.type)
@@ -113,11 +115,21 @@ class Event:
         return self.type.value if isinstance(self.type, EventType) else self.type
 
     def matches_filter(self, **attrs: Any) -> bool:
-        """Return True if every given attribute equals the event's (``circle_id=1``)."""
+        """Return True if every given attribute equals the event's (``circle_id=1``).
+
+        Ids (``circle_id``, ``project_id``, ``source_agent_id``) compare by
+        :func:`~gathering_lab.protocol.same_id`, the rule filters and scopes use.
+        """
         for name, expected in attrs.items():
             if name == "type":
                 expected = getattr(expected, "value", expected)
                 if self.type_name != expected:
+                    return False
+            elif name in _ID_FIELDS:
+                if expected is None:
+                    if getattr(self, name) is not None:
+                        return False
+                elif not protocol.same_id(expected, getattr(self, name)):
                     return False
             elif getattr(self, name, None) != expected:
                 return False
@@ -138,10 +150,18 @@ class Event:
         }
 
     def encoded(self) -> bytes:
-        """Return the envelope as UTF-8 JSON, serialised once and cached."""
+        """Return the envelope as strict UTF-8 JSON, serialised once and cached.
+
+        Raises ValueError if it cannot be strict JSON (NaN, a lone surrogate, data
+        nested deeper than :data:`~gathering_lab.protocol.MAX_DEPTH`): the bus refuses
+        such an event before numbering it, so every event in a history encodes.
+        """
         wire = self._wire
         if wire is None:
-            wire = self._wire = protocol.encode(self.to_dict())
+            try:
+                wire = self._wire = protocol.encode(self.to_dict())
+            except ValueError as exc:
+                raise ValueError(f"event {self.type_name} cannot be sent: {exc}") from None
         return wire
 
     @classmethod
@@ -178,10 +198,19 @@ class _Subscription:
 
 
 _YIELD_EVERY = 256
+#: Default bound on the encoded bytes a bus keeps in history (``history_bytes``).
+DEFAULT_HISTORY_BYTES = 64 * 2**20
+#: Distinct event types whose routes are cached; past it the cache starts over.
+_MAX_ROUTES = 4096
 
 
 def _new_epoch() -> str:
     return secrets.token_hex(6)
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, not {value!r}")
 
 
 class EventBus:
@@ -189,14 +218,39 @@ class EventBus:
 
     Handlers may be plain functions or coroutine functions. A failing handler is
     logged and counted in ``handler_errors``; it never stops the others.
+
+    Every event is encoded (strict JSON) once, when it is published and before it is
+    numbered: one that cannot be is refused with ValueError and counted in
+    ``events_rejected``, so whatever is in history can always be sent and replayed.
+
+    The history keeps at most ``history_size`` events and ``history_bytes`` bytes of
+    their encoded JSON, dropping the oldest first (counted in ``history_evicted``; a
+    resume from before the oldest kept event reports a gap). The default of 64 MiB
+    holds the default 10,000 events at up to 6.5 KiB each, and at least 64 events at
+    the server's largest message (1 MiB); what it costs in memory is about twice that
+    (the events' Python objects besides their JSON), so a stream of large events cannot
+    grow the process by gigabytes. An event larger than ``history_bytes`` is delivered
+    live but not kept.
+
+    Publishing happens on the bus's home loop. Reading and subscribing
+    (:meth:`get_history`, :meth:`since`, :meth:`subscribe`, :meth:`unsubscribe`,
+    :meth:`get_stats`) are safe from any thread: they hold a lock for as long as a copy.
     """
 
-    def __init__(self, history_size: int = 10_000) -> None:
-        if not isinstance(history_size, int) or history_size < 1:
-            raise ValueError(f"history_size must be a positive integer, not {history_size!r}")
+    def __init__(
+        self, history_size: int = 10_000, history_bytes: int = DEFAULT_HISTORY_BYTES
+    ) -> None:
+        _check_positive("history_size", history_size)
+        _check_positive("history_bytes", history_bytes)
+        self._lock = threading.Lock()
         self._subs: dict[str, _Subscription] = {}
         self._routes: dict[str, tuple[_Subscription, ...]] = {}
-        self._history: deque[Event] = deque(maxlen=history_size)
+        self._history: deque[Event] = deque()
+        self._history_size = history_size
+        self._history_bytes_cap = history_bytes
+        self._history_bytes = 0
+        self._evicted = 0
+        self._rejected = 0
         self._ids = itertools.count(1)
         self._seq = 0
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -228,32 +282,37 @@ class EventBus:
             raise TypeError(f"handler must be callable, not {type(handler).__name__}")
         if filter_fn is not None and not callable(filter_fn):
             raise TypeError(f"filter_fn must be callable, not {type(filter_fn).__name__}")
-        sub_id = f"sub_{next(self._ids)}"
-        self._subs[sub_id] = _Subscription(
-            id=sub_id,
-            pattern=pattern,
-            handler=handler,
-            filter_fn=filter_fn,
-            name=name or str(getattr(handler, "__qualname__", None) or repr(handler)),
-        )
-        self._routes.clear()
+        with self._lock:
+            sub_id = f"sub_{next(self._ids)}"
+            self._subs[sub_id] = _Subscription(
+                id=sub_id,
+                pattern=pattern,
+                handler=handler,
+                filter_fn=filter_fn,
+                name=name or str(getattr(handler, "__qualname__", None) or repr(handler)),
+            )
+            self._routes = {}
         return sub_id
 
     def unsubscribe(self, sub_id: str) -> bool:
         """Remove a subscription; return False if there was none with that id."""
-        removed = self._subs.pop(sub_id, None) is not None
-        if removed:
-            self._routes.clear()
+        with self._lock:
+            removed = self._subs.pop(sub_id, None) is not None
+            if removed:
+                self._routes = {}
         return removed
 
     def _route(self, type_name: str) -> tuple[_Subscription, ...]:
-        subs = self._routes.get(type_name)
+        routes = self._routes  # replaced, never mutated, by (un)subscribe in other threads
+        subs = routes.get(type_name)
         if subs is None:
-            parts = type_name.split(".")
-            wanted = {"*", type_name}
-            wanted.update(".".join(parts[:i]) + ".*" for i in range(1, len(parts)))
-            subs = tuple(s for s in self._subs.values() if s.pattern in wanted)
-            self._routes[type_name] = subs
+            with self._lock:
+                wanted = set(protocol.matching_patterns(type_name))
+                subs = tuple(s for s in self._subs.values() if s.pattern in wanted)
+                routes = self._routes
+                if len(routes) >= _MAX_ROUTES:
+                    routes = self._routes = {}
+                routes[type_name] = subs
         return subs
 
     # Publishing
@@ -265,13 +324,36 @@ class EventBus:
             raise ValueError(
                 f"event {event.id} was already published (seq {event.seq}); publish a new Event"
             )
-        self._seq += 1
-        event.seq = self._seq
+        # Encode the envelope as it will be sent, before it is numbered for good.
+        event.seq = self._seq + 1
         event.epoch = self.epoch
         event._wire = event._frame = None
-        self._history.append(event)
+        try:
+            size = len(event.encoded())
+        except ValueError as exc:
+            event.seq = event.epoch = None
+            self._rejected += 1
+            logger.warning("refused to publish %s: %s", event.id, exc)
+            raise
+        history = self._history
+        with self._lock:
+            self._seq = event.seq
+            history.append(event)
+            self._history_bytes += size
+            if len(history) > self._history_size or self._history_bytes > self._history_bytes_cap:
+                self._evict()
         self._published += 1
         return self._route(event.type_name)
+
+    def _evict(self) -> None:
+        """Drop the oldest events until history fits both bounds (with the lock held)."""
+        history = self._history
+        while history and (
+            len(history) > self._history_size or self._history_bytes > self._history_bytes_cap
+        ):
+            old = history.popleft()
+            self._history_bytes -= len(old._wire or b"")
+            self._evicted += 1
 
     def _run_sync(self, sub: _Subscription, event: Event) -> Awaitable[None] | None:
         try:
@@ -352,6 +434,14 @@ class EventBus:
         if home is not None:
             if not isinstance(event, Event):
                 raise TypeError(f"expected an Event, not {type(event).__name__}")
+            # Refuse what cannot be sent here, in the caller's thread (the home loop
+            # encodes again, with the event's seq).
+            try:
+                protocol.encode(event.to_dict())
+            except ValueError as exc:
+                with self._lock:
+                    self._rejected += 1
+                raise ValueError(f"event {event.type_name} cannot be sent: {exc}") from None
             home.call_soon_threadsafe(self._publish_here, event)
             return event
         return self._publish_here(event)
@@ -397,8 +487,10 @@ class EventBus:
                 raise ValueError(exc.message) from None
             if pattern != "*":
                 wanted = {pattern}
+        with self._lock:
+            snapshot = list(self._history)
         found: list[Event] = []
-        for event in reversed(self._history):
+        for event in reversed(snapshot):
             if len(found) >= limit:
                 break
             if wanted is not None and not protocol.type_matches(wanted, event.type_name):
@@ -416,7 +508,12 @@ class EventBus:
     @property
     def oldest_seq(self) -> int:
         """The ``seq`` of the oldest event still in history (``last_seq + 1`` if it is empty)."""
-        return self._history[0].seq if self._history else self._seq + 1  # type: ignore[return-value]
+        with self._lock:
+            return self._oldest_seq()
+
+    def _oldest_seq(self) -> int:
+        history = self._history
+        return history[0].seq if history else self._seq + 1  # type: ignore[return-value]
 
     def since(self, seq: int, limit: int | None = None) -> list[Event]:
         """Return the events after ``seq`` still in history, oldest first (at most ``limit``)."""
@@ -424,44 +521,67 @@ class EventBus:
             raise ValueError(f"seq must be a non-negative integer, not {seq!r}")
         if limit is not None and (not isinstance(limit, int) or limit < 0):
             raise ValueError(f"limit must be a non-negative integer or None, not {limit!r}")
-        start = max(0, seq + 1 - self.oldest_seq)
-        stop = None if limit is None else start + limit
-        return list(itertools.islice(self._history, start, stop))
+        with self._lock:
+            start = max(0, seq + 1 - self._oldest_seq())
+            if start >= len(self._history):
+                return []
+            stop = None if limit is None else start + limit
+            if start == 0 and stop is None:
+                return list(self._history)
+            return list(itertools.islice(self._history, start, stop))
 
     # Administration
 
     def get_stats(self) -> dict[str, Any]:
-        """Return counters: events_published, events_delivered, handler_errors, and so on."""
-        return {
-            "events_published": self._published,
-            "events_delivered": self._delivered,
-            "handler_errors": self._errors,
-            "active_subscribers": len(self._subs),
-            "history_size": len(self._history),
-            "history_capacity": self._history.maxlen,
-            "last_seq": self._seq,
-            "epoch": self.epoch,
-        }
+        """Return counters: events_published, events_rejected, history_bytes, and so on."""
+        with self._lock:
+            return {
+                "events_published": self._published,
+                "events_delivered": self._delivered,
+                "events_rejected": self._rejected,
+                "handler_errors": self._errors,
+                "active_subscribers": len(self._subs),
+                "history_size": len(self._history),
+                "history_capacity": self._history_size,
+                "history_bytes": self._history_bytes,
+                "history_bytes_capacity": self._history_bytes_cap,
+                "history_evicted": self._evicted,
+                "last_seq": self._seq,
+                "epoch": self.epoch,
+            }
 
-    def configure(self, *, history_size: int | None = None) -> None:
-        """Change settings; a smaller ``history_size`` keeps the most recent events."""
+    def configure(
+        self, *, history_size: int | None = None, history_bytes: int | None = None
+    ) -> None:
+        """Change settings; a smaller history keeps the most recent events that fit."""
         if history_size is not None:
-            if not isinstance(history_size, int) or history_size < 1:
-                raise ValueError(f"history_size must be a positive integer, not {history_size!r}")
-            self._history = deque(self._history, maxlen=history_size)
+            _check_positive("history_size", history_size)
+        if history_bytes is not None:
+            _check_positive("history_bytes", history_bytes)
+        with self._lock:
+            if history_size is not None:
+                self._history_size = history_size
+            if history_bytes is not None:
+                self._history_bytes_cap = history_bytes
+            self._evict()
 
     def clear_history(self) -> None:
         """Forget past events; ``seq`` keeps counting, so resumes from before report a gap."""
-        self._history.clear()
+        with self._lock:
+            self._history.clear()
+            self._history_bytes = 0
 
     def reset(self) -> None:
         """Drop every subscription, the history and the counters, and start a new epoch."""
-        self._subs.clear()
-        self._routes.clear()
-        self._history.clear()
-        self._seq = 0
-        self._published = self._delivered = self._errors = 0
-        self.epoch = _new_epoch()
+        with self._lock:
+            self._subs.clear()
+            self._routes = {}
+            self._history.clear()
+            self._history_bytes = 0
+            self._seq = 0
+            self._published = self._delivered = self._errors = 0
+            self._rejected = self._evicted = 0
+            self.epoch = _new_epoch()
 
     def __repr__(self) -> str:
         return (

@@ -46,19 +46,14 @@ MessageKind = Literal["connected", "event", "subscribed", "subscribe_refused", "
 _ALL = protocol.Filters()
 
 
-def _same_id(wanted: Any, value: Any) -> bool:
-    return wanted is None or (value is not None and str(value) == str(wanted))
-
-
 def event_matches(filters: protocol.Filters, message: dict[str, Any]) -> bool:
     """Return True if the event ``message`` passes ``filters`` (type patterns, circle, project).
 
-    Ids compare as text, so ``--circle 1`` matches ``1`` and ``"1"`` alike.
+    The server's rule (:meth:`protocol.Filters.matches`): ids compare exactly, so
+    ``--circle 1`` (an integer) does not match a ``circle_id`` of ``"1"``.
     """
-    return (
-        _same_id(filters.circle_id, message.get("circle_id"))
-        and _same_id(filters.project_id, message.get("project_id"))
-        and protocol.type_matches(filters.event_types, str(message.get("type")))
+    return filters.matches(
+        str(message.get("type")), message.get("circle_id"), message.get("project_id")
     )
 
 

@@ -17,7 +17,7 @@ import itertools
 import json
 import re
 import secrets
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -27,9 +27,12 @@ from .exceptions import ProtocolError
 __all__ = [
     "CONNECTED_MESSAGE",
     "CONTROL_TYPES",
+    "DEFAULT_MAX_PATTERNS",
     "ERROR_CODES",
     "EVENT_TYPE_PATTERN",
     "MAX_REQUEST_ID_LENGTH",
+    "MAX_DEPTH",
+    "MAX_PATTERN_LENGTH",
     "Auth",
     "ClientMessage",
     "Filters",
@@ -47,12 +50,14 @@ __all__ = [
     "encode",
     "error",
     "format_timestamp",
+    "id_key",
     "new_event_id",
     "now",
     "parse_client_message",
     "parse_timestamp",
     "pong",
     "request_id",
+    "same_id",
     "type_matches",
 ]
 
@@ -91,8 +96,18 @@ ERROR_CODES = frozenset(
     }
 )
 
+#: Deepest nesting an event's ``data`` may have (``{}`` is 1, ``{"a": []}`` is 2): deeper
+#: JSON is refused before it is numbered, far below where parsers and encoders recurse out.
+MAX_DEPTH = 64
+#: Longest event type or subscription pattern, in characters.
+MAX_PATTERN_LENGTH = 255
+#: Default most type patterns one ``subscribe`` may hold (``serve(max_patterns=...)``).
+DEFAULT_MAX_PATTERNS = 64
+
 _MAX_INT = 2**63 - 1
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
+# allow_nan=False: NaN and Infinity are not JSON, and browsers' JSON.parse refuses them.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=str)
+_CONTAINERS = (dict, list, tuple)
 _ID_PREFIX = "evt_" + secrets.token_hex(6)
 _ID_COUNTER = itertools.count(secrets.randbelow(2**32))
 
@@ -148,6 +163,12 @@ def check_event_type(value: Any) -> str:
         raise ProtocolError(
             "invalid_event_type", f"event type must be a string, not {type(value).__name__}"
         )
+    if len(value) > MAX_PATTERN_LENGTH:
+        raise ProtocolError(
+            "invalid_event_type",
+            f"event type {value[:40]!r}... is {len(value)} characters long; "
+            f"the limit is {MAX_PATTERN_LENGTH}",
+        )
     if not EVENT_TYPE_PATTERN.match(value):
         raise ProtocolError(
             "invalid_event_type",
@@ -156,22 +177,46 @@ def check_event_type(value: Any) -> str:
     return value
 
 
-def type_matches(patterns: Iterable[str], type_name: str) -> bool:
+def type_matches(patterns: Collection[str], type_name: str) -> bool:
     """True if ``type_name`` matches one of ``patterns`` (``*``, ``task.*``, ``task.created``).
 
     ``task.*`` matches every type that starts with ``task.``, however many segments follow.
+    The one matching rule of the package (filters, bus routing, history, clients). It looks
+    ``type_name`` and its prefixes up in ``patterns``: with a set or frozenset its cost
+    grows with the depth of the type, not with the number of patterns.
     """
-    for pattern in patterns:
-        if pattern == "*" or pattern == type_name:
+    if "*" in patterns or type_name in patterns:
+        return True
+    if len(type_name) > MAX_PATTERN_LENGTH:  # not a valid type: only "*" matches it
+        return False
+    dot = type_name.find(".")
+    while dot != -1:
+        if type_name[: dot + 1] + "*" in patterns:
             return True
-        if pattern.endswith(".*") and type_name.startswith(pattern[:-1]):
-            return True
+        dot = type_name.find(".", dot + 1)
     return False
+
+
+def matching_patterns(type_name: str) -> list[str]:
+    """Every pattern that matches ``type_name``: ``*``, the type, and ``a.*``, ``a.b.*``..."""
+    found = ["*", type_name]
+    if len(type_name) <= MAX_PATTERN_LENGTH:
+        dot = type_name.find(".")
+        while dot != -1:
+            found.append(type_name[: dot + 1] + "*")
+            dot = type_name.find(".", dot + 1)
+    return found
 
 
 def check_pattern(value: Any) -> str:
     """Return ``value`` as a subscription pattern (``*``, ``task.*``, ``task.created``)."""
     value = getattr(value, "value", value)
+    if isinstance(value, str) and len(value) > MAX_PATTERN_LENGTH:
+        raise ProtocolError(
+            "too_large",
+            f"event type pattern {value[:40]!r}... is {len(value)} characters long; "
+            f"the limit is {MAX_PATTERN_LENGTH}",
+        )
     if not isinstance(value, str) or not _PATTERN_RE.match(value):
         raise ProtocolError(
             "invalid_message",
@@ -183,9 +228,53 @@ def check_pattern(value: Any) -> str:
 # Server -> client messages
 
 
-def encode(message: Mapping[str, Any]) -> bytes:
-    """Serialise a message to the compact UTF-8 JSON of one text frame."""
-    return _ENCODER.encode(message).encode()
+def check_depth(value: Any, limit: int = MAX_DEPTH) -> None:
+    """Raise ValueError if ``value`` nests dicts and lists more than ``limit`` levels deep.
+
+    ``{}`` and ``[]`` are one level, ``{"a": [1]}`` two; scalars are none. Iterative, so it
+    never recurses out, and it stops at the first level past ``limit``.
+    """
+    level = [value] if isinstance(value, _CONTAINERS) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            raise ValueError(f"nested more than {limit} levels deep")
+        below: list[Any] = []
+        for node in level:
+            for child in node.values() if isinstance(node, dict) else node:
+                if isinstance(child, _CONTAINERS):
+                    below.append(child)
+        level = below
+
+
+def encode(message: Mapping[str, Any], max_depth: int = MAX_DEPTH + 1) -> bytes:
+    """Serialise a message to the compact, strict UTF-8 JSON of one text frame.
+
+    Strict means what every JSON parser, browsers' ``JSON.parse`` included, accepts: no
+    NaN or Infinity, no lone UTF-16 surrogate in a string, at most ``max_depth`` levels
+    of nesting (an event's ``data`` may nest :data:`MAX_DEPTH` levels inside its envelope).
+    Objects JSON has no type for are written as their ``str()``. Raises ValueError
+    (naming the problem) for anything else.
+    """
+    try:
+        text = _ENCODER.encode(message)
+    except ValueError as exc:  # NaN / Infinity, circular references
+        raise ValueError(f"not strict JSON: {exc}") from None
+    except TypeError as exc:  # keys JSON cannot have
+        raise ValueError(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"nested more than {max_depth} levels deep") from None
+    # Fewer brackets than levels allowed cannot nest too deep: walk only the others.
+    if text.count("{") + text.count("[") > max_depth:
+        check_depth(message, max_depth)
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:
+        bad = exc.object[exc.start : exc.end]
+        raise ValueError(
+            f"not strict JSON: a string holds the lone surrogate {bad!r}, which UTF-8 cannot encode"
+        ) from None
 
 
 def decode(frame: str | bytes) -> dict[str, Any]:
@@ -277,21 +366,101 @@ def _with_id(message: dict[str, Any], rid: RequestId | None) -> dict[str, Any]:
     return message
 
 
+class _NoId:
+    """What a filter on a value that is no id (a float, a bool) wants: matches nothing."""
+
+    __slots__ = ()
+
+    def __eq__(self, other: object) -> bool:
+        return False
+
+    def __hash__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "<no id>"
+
+
+_NO_ID = _NoId()
+
+
+def _wanted_id(value: Any) -> Any:
+    if value is None:
+        return None
+    key = id_key(value)
+    return _NO_ID if key is None else key
+
+
+def id_key(value: Any) -> int | str | None:
+    """The form a circle, project or agent id compares by; None for what is no id.
+
+    An id is an integer or a string, and two ids are equal when they are the same kind
+    and the same value: ``1`` and ``"1"`` are different circles. Booleans, floats and
+    other objects are no ids and match nothing. Subclasses (``IntEnum``, ``StrEnum``)
+    compare as the plain int or str JSON sends for them.
+    """
+    kind = value.__class__
+    if kind is int or kind is str:
+        return value
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, str):
+        return str.__str__(value)
+    return None
+
+
+def same_id(wanted: Any, value: Any) -> bool:
+    """True if ``value`` is the id ``wanted`` under :func:`id_key`'s rule (exact)."""
+    key = id_key(wanted)
+    return key is not None and id_key(value) == key  # an int never equals a str
+
+
 @dataclass(frozen=True, slots=True)
 class Filters:
-    """What a client wants to receive: type patterns and optional circle / project."""
+    """What a client wants to receive: type patterns and optional circle / project.
+
+    Type patterns match by :func:`type_matches` (``*``, ``task.*``, ``task.created``),
+    looked up in a frozenset built once, so matching costs the same for one pattern or
+    a thousand. Ids match by :func:`same_id`: exactly, so ``circle_id=1`` does not
+    match an event whose ``circle_id`` is ``"1"`` (server, ``LabClient``, ``gathering-lab
+    listen``, the widgets, token scopes and ``gathering-ws.js`` all use this rule).
+    """
 
     event_types: tuple[str, ...] = ("*",)
     circle_id: Any = None
     project_id: Any = None
+    _types: frozenset[str] = field(init=False, repr=False, compare=False)
+    _circle: Any = field(init=False, repr=False, compare=False)
+    _project: Any = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        types = self.event_types
+        if isinstance(types, str):
+            types = (types,)
+            object.__setattr__(self, "event_types", types)
+        object.__setattr__(self, "_types", frozenset(types))
+        object.__setattr__(self, "_circle", _wanted_id(self.circle_id))
+        object.__setattr__(self, "_project", _wanted_id(self.project_id))
 
     def matches(self, type_name: str, circle_id: Any = None, project_id: Any = None) -> bool:
         """True if an event of this type, circle and project passes these filters."""
-        if self.circle_id is not None and circle_id != self.circle_id:
+        wanted = self._circle
+        if wanted is not None and not (
+            circle_id == wanted
+            if circle_id.__class__ is wanted.__class__
+            else id_key(circle_id) == wanted
+        ):
             return False
-        if self.project_id is not None and project_id != self.project_id:
+        wanted = self._project
+        if wanted is not None and not (
+            project_id == wanted
+            if project_id.__class__ is wanted.__class__
+            else id_key(project_id) == wanted
+        ):
             return False
-        return type_matches(self.event_types, type_name)
+        return type_matches(self._types, type_name)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the filters as sent in a ``subscribe`` message."""
@@ -419,17 +588,25 @@ def _parse_ping(message: dict[str, Any]) -> Ping:
     return Ping(request_id(message))
 
 
-def _parse_subscribe(message: dict[str, Any]) -> Subscribe:
+def _parse_subscribe(
+    message: dict[str, Any], max_patterns: int = DEFAULT_MAX_PATTERNS
+) -> Subscribe:
     data = _data(message, "subscribe")
     unknown = set(data) - {"event_types", "circle_id", "project_id"}
     if unknown:
-        raise ProtocolError("invalid_message", f"unknown subscribe field(s): {sorted(unknown)}")
+        shown = sorted(unknown)[:5]
+        raise ProtocolError("invalid_message", f"unknown subscribe field(s): {shown}")
     types = data.get("event_types")
     if types is None:
         patterns: tuple[str, ...] = ("*",)
     elif isinstance(types, str):
         patterns = (check_pattern(types),)
     elif isinstance(types, list) and types:
+        if len(types) > max_patterns:
+            raise ProtocolError(
+                "too_large",
+                f"subscribe has {len(types)} event type patterns; the limit is {max_patterns}",
+            )
         patterns = tuple(dict.fromkeys(check_pattern(t) for t in types))
     else:
         raise ProtocolError(
@@ -492,20 +669,74 @@ _PARSERS: dict[str, Callable[[dict[str, Any]], ClientMessage]] = {
 }
 
 
-def parse_client_message(frame: str | bytes) -> ClientMessage:
+def _refuse_constant(name: str) -> Any:
+    raise ProtocolError(
+        "invalid_message", f"{name} is not JSON: numbers must be finite (no NaN or Infinity)"
+    )
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """The first string (key or value) in ``value`` that UTF-8 cannot encode, if any."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if not node.isascii():
+                try:
+                    node.encode()
+                except UnicodeEncodeError:
+                    return node
+        elif isinstance(node, dict):
+            stack.extend(node)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return None
+
+
+def parse_client_message(
+    frame: str | bytes, *, max_patterns: int = DEFAULT_MAX_PATTERNS
+) -> ClientMessage:
     """Parse and validate one text frame from a client; raise ProtocolError if it is bad.
+
+    Only what can go out again as strict JSON gets through: NaN and Infinity, a lone
+    UTF-16 surrogate (``"\\ud800"``) anywhere, or an event ``data`` nested more than
+    :data:`MAX_DEPTH` levels are refused with ``invalid_message``. A ``subscribe`` may
+    hold at most ``max_patterns`` type patterns of :data:`MAX_PATTERN_LENGTH` characters
+    (past either: ``too_large``).
 
     When the frame is a JSON object with a valid ``id``, the ProtocolError carries
     it as ``request_id``, so the error reply can echo it.
     """
     try:
-        message = json.loads(frame)
+        message = json.loads(frame, parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError("invalid_json", "message is not valid JSON") from None
+    except RecursionError:
+        raise ProtocolError(
+            "invalid_message", f"message is nested too deeply (event data: {MAX_DEPTH} levels)"
+        ) from None
     if not isinstance(message, dict):
         raise ProtocolError("invalid_json", "message must be a JSON object")
     rid = request_id(message)
     try:
+        try:
+            # The message wraps an event's data two levels deep: {"data": {"data": {...}}}.
+            check_depth(message, MAX_DEPTH + 2)
+        except ValueError:
+            raise ProtocolError(
+                "invalid_message",
+                f"message is nested too deeply: event data may nest at most {MAX_DEPTH} levels",
+            ) from None
+        # A lone surrogate can only come from a \u escape: UTF-8 text frames cannot carry one.
+        if ("\\u" in frame if isinstance(frame, str) else b"\\u" in frame) and (
+            bad := _lone_surrogate(message)
+        ) is not None:
+            raise ProtocolError(
+                "invalid_message",
+                f"string {bad[:40]!r} holds a lone UTF-16 surrogate, which is not valid Unicode "
+                "text: send characters outside the BMP as surrogate pairs",
+            )
         kind = message.get("type")
         if not isinstance(kind, str):
             raise ProtocolError("invalid_message", "message needs a string 'type'")
@@ -516,6 +747,8 @@ def parse_client_message(frame: str | bytes) -> ClientMessage:
                 "unknown_type",
                 f"unknown message type {shown!r}; expected one of {', '.join(_PARSERS)}",
             )
+        if parser is _parse_subscribe:
+            return _parse_subscribe(message, max_patterns)
         return parser(message)
     except ProtocolError as exc:
         if exc.request_id is None:

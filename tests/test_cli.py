@@ -420,7 +420,31 @@ BAD_ARGUMENTS = [
     ("listen", "--circle", ""),
     ("listen", "https://example.com/ws"),
     ("serve", "--port", "70000"),
+    ("serve", "--history", "0"),
+    ("serve", "--history-bytes", "lots"),
+    ("serve", "--max-patterns", "-1"),
 ]
+
+
+async def test_serve_history_and_pattern_limits() -> None:
+    args = ("--port", "0", "--history", "5", "--history-bytes", "1MiB", "--max-patterns", "3")
+    async with cli("serve", *args) as proc:
+        url = (await proc.wait_line("out", URL_LINE.pattern)).group(1)
+        async with connect(url) as ws:
+            await recv_json(ws)
+            patterns = ["a.b", "a.c", "a.d", "a.e"]
+            await ws.send(json.dumps({"type": "subscribe", "data": {"event_types": patterns}}))
+            reply = await recv_json(ws)
+            assert reply["data"]["code"] == "too_large" and "limit is 3" in reply["data"]["message"]
+            for _ in range(8):
+                await ws.send(json.dumps({"type": "publish", "data": {"type": "a.b", "data": {}}}))
+            received = [await recv_json(ws) for _ in range(16)]
+            assert sum(m["type"] == "published" for m in received) == 8
+        async with connect(url + "?last_seq=0") as late:
+            await recv_json(late)
+            replayed = [await recv_json(late) for _ in range(6)]
+        assert [m.get("seq") for m in replayed[:5]] == [4, 5, 6, 7, 8]
+        assert replayed[5]["type"] == "resumed" and replayed[5]["data"]["gap"] is True
 
 
 @pytest.mark.parametrize("args", BAD_ARGUMENTS, ids=" ".join)
@@ -493,7 +517,9 @@ async def publish_mixed(guide: GuideServer) -> None:
     await guide.broadcast(type="task.created", data={"task_id": 1}, circle_id=1, project_id=1)
     await guide.broadcast(type="task.created", data={"task_id": 2}, circle_id=2, project_id=2)
     await guide.broadcast(type="circle.started", data={}, circle_id=1, project_id=1)
-    await guide.broadcast(type="task.completed", data={"task_id": 1}, circle_id="1")
+    # Ids compare exactly (protocol.Filters): circle "1" is not circle 1.
+    await guide.broadcast(type="task.completed", data={"task_id": 3}, circle_id="1")
+    await guide.broadcast(type="task.completed", data={"task_id": 1}, circle_id=1)
 
 
 async def test_listen_filters_locally_against_the_guide_protocol(guide_server: GuideServer) -> None:
@@ -608,7 +634,10 @@ def test_format_event() -> None:
         (protocol.Filters(("task.*",)), {"type": "task.conflict.detected"}, True),
         (protocol.Filters(("task.*",)), {"type": "agent.task.assigned"}, False),
         (protocol.Filters(("task.created",)), {"type": "task.created"}, True),
-        (protocol.Filters(circle_id=1), {"type": "a.b", "circle_id": "1"}, True),
+        (protocol.Filters(circle_id=1), {"type": "a.b", "circle_id": 1}, True),
+        (protocol.Filters(circle_id=1), {"type": "a.b", "circle_id": "1"}, False),
+        (protocol.Filters(circle_id="1"), {"type": "a.b", "circle_id": 1}, False),
+        (protocol.Filters(circle_id=1), {"type": "a.b", "circle_id": True}, False),
         (protocol.Filters(circle_id=1), {"type": "a.b", "circle_id": None}, False),
         (protocol.Filters(project_id="p"), {"type": "a.b", "project_id": "q"}, False),
     ],

@@ -4,9 +4,11 @@ import asyncio
 import logging
 import threading
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
+from gathering_lab import protocol
 from gathering_lab.events import Event, EventBus, EventType, event_bus
 
 
@@ -272,3 +274,149 @@ def test_bad_subscribe_arguments() -> None:
 
 def test_module_level_bus_exists() -> None:
     assert isinstance(event_bus, EventBus)
+
+
+# Strict JSON before history (issue 8)
+
+
+def nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"x": float("nan")},
+        {"x": float("inf")},
+        {"x": "\ud800"},
+        {"deep": nested(protocol.MAX_DEPTH)},
+    ],
+    ids=["nan", "inf", "surrogate", "deep"],
+)
+async def test_unencodable_events_are_refused_before_they_are_numbered(
+    bus: EventBus, data: dict[str, object], caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[Event] = []
+    bus.subscribe("*", seen.append)
+    bad = Event("a.b", data)
+    with caplog.at_level(logging.WARNING, "gathering_lab.events"):
+        with pytest.raises(ValueError, match="a.b cannot be sent"):
+            await bus.publish(bad)
+    assert "refused to publish" in caplog.text
+    assert bad.seq is None and bad.epoch is None
+    with pytest.raises(ValueError):
+        bus.publish_nowait(Event("a.b", data))
+    good = await bus.publish(Event("a.b", {"ok": True}))
+    assert good.seq == 1  # nothing was numbered
+    assert [e.seq for e in bus.since(0)] == [1]
+    assert seen == [good]
+    stats = bus.get_stats()
+    assert stats["events_rejected"] == 2
+    assert stats["events_published"] == 1
+
+
+def test_every_event_in_history_is_encoded_once(bus: EventBus) -> None:
+    event = bus.publish_nowait(Event("a.b", {"n": 1}))
+    wire = event._wire
+    assert wire is not None and b'"seq":1' in wire
+    assert event.encoded() is wire
+    assert event._frame is None  # the manager's frame cache starts empty
+
+
+async def test_publishing_from_a_thread_refuses_in_the_callers_thread(bus: EventBus) -> None:
+    bus.bind_loop(asyncio.get_running_loop())
+    bad = Event("a.b", {"x": float("nan")})
+    with pytest.raises(ValueError, match="not strict JSON"):
+        await asyncio.to_thread(bus.publish_nowait, bad)
+    assert bus.get_stats()["events_rejected"] == 1
+    assert bus.last_seq == 0
+
+
+# History bounded in bytes
+
+
+def test_history_is_bounded_in_bytes(bus: EventBus) -> None:
+    cap = 4 * 2**20
+    bus.configure(history_bytes=cap)
+    blob = "x" * 2**20
+    for i in range(30):
+        bus.publish_nowait(Event("big.blob", {"i": i, "blob": blob}))
+        assert bus.get_stats()["history_bytes"] <= cap
+    stats = bus.get_stats()
+    assert stats["history_bytes_capacity"] == cap
+    assert stats["history_size"] == 3  # four 1 MiB events plus envelopes do not fit
+    assert stats["history_evicted"] == 27
+    assert stats["history_bytes"] == sum(len(e.encoded()) for e in bus.since(0))
+    assert bus.oldest_seq == 28  # a resume from before sees the gap
+    assert [e.seq for e in bus.since(10)] == [28, 29, 30]
+    assert [e.data["i"] for e in bus.get_history(limit=5)] == [29, 28, 27]
+
+
+def test_count_and_bytes_bounds_and_reconfiguring(bus: EventBus) -> None:
+    small = EventBus(history_size=5, history_bytes=10_000)
+    for i in range(20):
+        small.publish_nowait(Event("a.b", {"i": i}))
+    assert [e.data["i"] for e in small.since(0)] == [15, 16, 17, 18, 19]
+    assert small.get_stats()["history_evicted"] == 15
+    small.publish_nowait(Event("a.b", {"blob": "y" * 20_000}))  # larger than the cap
+    assert small.since(0) == [] and small.oldest_seq == small.last_seq + 1 == 22
+    assert small.get_stats()["history_bytes"] == 0
+    for _ in range(5):
+        small.publish_nowait(Event("a.b", {"blob": "z" * 1500}))
+    small.configure(history_bytes=4000)
+    assert len(small.since(0)) == 2 and small.get_stats()["history_bytes"] <= 4000
+    small.clear_history()
+    assert small.get_stats()["history_bytes"] == 0
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="history_bytes"):
+            EventBus(history_bytes=bad)  # type: ignore[arg-type]
+
+
+def test_route_cache_is_bounded(bus: EventBus) -> None:
+    bus.subscribe("t.*", lambda e: None)
+    for i in range(5000):
+        bus.publish_nowait(Event(f"t.n{i}"))
+    assert 0 < len(bus._routes) <= 4096
+
+
+# Reads from other threads
+
+
+async def test_reads_from_another_thread_while_the_loop_publishes(bus: EventBus) -> None:
+    bus.configure(history_size=500)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    reads = 0
+
+    def hammer() -> None:
+        nonlocal reads
+        try:
+            while not stop.is_set():
+                sub = bus.subscribe("a.*", lambda e: None)
+                history = bus.get_history(limit=1000)
+                since = bus.since(max(0, bus.last_seq - 300))
+                bus.get_stats()
+                bus.unsubscribe(sub)
+                seqs = [e.seq for e in since]
+                assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+                assert len(history) <= 500
+                reads += 1
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=hammer)
+    thread.start()
+    try:
+        for i in range(20_000):
+            bus.publish_nowait(Event(f"a.t{i % 7}", {"i": i}))
+            if i % 100 == 0:
+                await asyncio.sleep(0)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert not errors, errors[0]
+    assert reads > 10
+    assert bus.last_seq == 20_000 and len(bus.since(0)) == 500

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import enum
 import json
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 
@@ -199,3 +201,216 @@ def test_filters_match_type_circle_and_project() -> None:
     assert not filters.matches("task.created", 2, 99)
     assert not filters.matches("agent.started", 1, 99)
     assert protocol.Filters().matches("anything.at.all")
+
+
+# Strict JSON (issue 8: poison input)
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        ({"x": float("nan")}, "not strict JSON"),
+        ({"x": [float("inf")]}, "not strict JSON"),
+        ({"x": -float("inf")}, "not strict JSON"),
+        ({"x": "\ud800"}, "lone surrogate"),
+        ({"\udfff": 1}, "lone surrogate"),
+    ],
+)
+def test_encode_refuses_what_json_parse_would_not_take(data: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ValueError, match=problem):
+        protocol.encode({"type": "a.b", "data": data})
+
+
+def nested(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_encode_bounds_depth_without_recursing_out() -> None:
+    protocol.encode({"data": nested(protocol.MAX_DEPTH)})  # the envelope adds one level
+    with pytest.raises(ValueError, match=f"more than {protocol.MAX_DEPTH + 1} levels"):
+        protocol.encode({"data": nested(protocol.MAX_DEPTH + 1)})
+    with pytest.raises(ValueError, match="levels deep"):  # not RecursionError
+        protocol.encode({"data": nested(5000)})
+    # Brackets inside strings are not nesting.
+    protocol.encode({"data": {"text": "[" * 10_000}})
+
+
+def test_encode_keeps_valid_unicode() -> None:
+    assert protocol.encode({"s": "é😀\u2028"}) == '{"s":"é😀\u2028"}'.encode()
+
+
+def publish_frame(data_json: str) -> str:
+    return '{"type":"publish","data":{"type":"a.b","data":' + data_json + "}}"
+
+
+@pytest.mark.parametrize(
+    "data_json",
+    [
+        '{"x":NaN}',
+        '{"x":Infinity}',
+        '{"x":[-Infinity]}',
+        '{"x":"\\ud800"}',
+        '{"x":"a\\udc00b"}',
+        '{"\\ud83d":1}',
+        "[" * 2000 + "]" * 2000,
+        '{"x":' + "[" * (protocol.MAX_DEPTH) + "]" * (protocol.MAX_DEPTH) + "}",
+        '{"x":' + "[" * 100_000 + "]" * 100_000 + "}",
+    ],
+    ids=["nan", "inf", "-inf", "surrogate", "low-surrogate", "surrogate-key", "deep", "65", "huge"],
+)
+def test_parse_refuses_non_strict_json_up_front(data_json: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        protocol.parse_client_message(publish_frame(data_json))
+    assert caught.value.code == "invalid_message"
+    assert protocol.encode(protocol.error(caught.value.code, caught.value.message))
+
+
+def test_parse_refuses_a_lone_surrogate_anywhere() -> None:
+    frame = '{"type":"subscribe","data":{"circle_id":"\\ud800"}}'
+    with pytest.raises(ProtocolError, match="surrogate"):
+        protocol.parse_client_message(frame)
+
+
+@pytest.mark.parametrize(
+    "data_json",
+    [
+        '{"x":"\\ud83d\\ude00"}',  # a pair: fine
+        '{"x":"\\\\ud800"}',  # an escaped backslash, then text
+        '{"x":' + "[" * (protocol.MAX_DEPTH - 1) + "]" * (protocol.MAX_DEPTH - 1) + "}",
+        '{"x":1e308,"y":-0.0}',
+    ],
+)
+def test_parse_accepts_strict_json(data_json: str) -> None:
+    message = protocol.parse_client_message(publish_frame(data_json))
+    assert isinstance(message, protocol.Publish)
+    protocol.encode({"data": message.data})
+
+
+# Bounded subscriptions
+
+
+def subscribe_frame(patterns: list[str]) -> str:
+    return json.dumps({"type": "subscribe", "data": {"event_types": patterns}})
+
+
+def test_subscribe_past_max_patterns_is_too_large() -> None:
+    patterns = [f"p{i}.x" for i in range(75_000)]
+    with pytest.raises(ProtocolError) as caught:
+        protocol.parse_client_message(subscribe_frame(patterns))
+    assert caught.value.code == "too_large"
+    assert "75000" in caught.value.message
+    assert f"limit is {protocol.DEFAULT_MAX_PATTERNS}" in caught.value.message
+    ok = protocol.parse_client_message(subscribe_frame(patterns[:64]))
+    assert isinstance(ok, protocol.Subscribe) and len(ok.filters.event_types) == 64
+    with pytest.raises(ProtocolError, match="limit is 3"):
+        protocol.parse_client_message(subscribe_frame(patterns[:4]), max_patterns=3)
+
+
+def test_long_patterns_and_types_are_refused() -> None:
+    long = "a." + "b" * protocol.MAX_PATTERN_LENGTH
+    with pytest.raises(ProtocolError) as caught:
+        protocol.parse_client_message(subscribe_frame([long]))
+    assert caught.value.code == "too_large"
+    assert str(protocol.MAX_PATTERN_LENGTH) in caught.value.message
+    with pytest.raises(ProtocolError) as caught:
+        protocol.parse_client_message(json.dumps({"type": "publish", "data": {"type": long}}))
+    assert caught.value.code == "invalid_event_type"
+    assert protocol.check_pattern("a." + "b" * (protocol.MAX_PATTERN_LENGTH - 2))
+
+
+class CountingSet(frozenset[str]):
+    """A frozenset that counts membership tests."""
+
+    lookups = 0
+
+    def __contains__(self, item: object) -> bool:
+        CountingSet.lookups += 1
+        return super().__contains__(item)
+
+
+@pytest.mark.parametrize("count", [1, 64, 100_000])
+def test_type_matches_looks_up_prefixes_not_patterns(count: int) -> None:
+    patterns = CountingSet([f"p{i}.x" for i in range(count - 1)] + ["task.*"])
+    CountingSet.lookups = 0
+    assert protocol.type_matches(patterns, "task.conflict.detected")
+    assert not protocol.type_matches(patterns, "agent.task.assigned")
+    # "*", the type, then one "prefix.*" per dot: the same for 1 or 100,000 patterns.
+    assert CountingSet.lookups <= 2 * (2 + 2)
+
+
+def test_filters_match_through_a_frozenset() -> None:
+    filters = protocol.Filters(tuple(f"p{i}.*" for i in range(64)) + ("task.created",))
+    assert isinstance(filters._types, frozenset)
+    assert filters.matches("p63.a.b") and filters.matches("task.created")
+    assert not filters.matches("task.created.more") and not filters.matches("p640.a")
+    assert filters == protocol.Filters(filters.event_types)  # still a value (group key)
+    assert hash(filters) == hash(protocol.Filters(filters.event_types))
+
+
+@pytest.mark.parametrize(
+    ("patterns", "type_name", "expected"),
+    [
+        (["*"], "a.b", True),
+        (["a.*"], "a.b.c", True),
+        (["a.b.*"], "a.b.c", True),
+        (["a.b.*"], "a.b", False),
+        (["a.b"], "a.bc", False),
+        (["a.*"], "ab.c", False),
+        (["b.*"], "a.b.c", False),
+    ],
+)
+def test_one_type_matching_rule(patterns: list[str], type_name: str, expected: bool) -> None:
+    assert protocol.type_matches(patterns, type_name) is expected
+    assert protocol.type_matches(frozenset(patterns), type_name) is expected
+    assert protocol.Filters(tuple(patterns)).matches(type_name) is expected
+    assert (type_name in protocol.matching_patterns(type_name)) is True
+    assert any(p in protocol.matching_patterns(type_name) for p in patterns) is expected
+
+
+# One id-equality rule
+
+
+class Circle(enum.IntEnum):
+    ONE = 1
+
+
+class Name(str, enum.Enum):
+    ONE = "1"
+
+
+ID_CASES = [
+    (1, 1, True),
+    ("1", "1", True),
+    ("a", "a", True),
+    (1, "1", False),
+    ("1", 1, False),
+    (1, True, False),
+    (1, 1.0, False),
+    (1, None, False),
+    (1, Circle.ONE, True),
+    ("1", Name.ONE, True),
+    (1, [1], False),
+]
+
+
+@pytest.mark.parametrize(("wanted", "value", "expected"), ID_CASES)
+def test_ids_compare_exactly_everywhere(wanted: Any, value: Any, expected: bool) -> None:
+    from gathering_lab.auth import Scope
+    from gathering_lab.events import Event
+    from gathering_lab.listen import event_matches
+
+    assert protocol.same_id(wanted, value) is expected
+    assert protocol.Filters(circle_id=wanted).matches("a.b", value, None) is expected
+    assert protocol.Filters(project_id=wanted).matches("a.b", None, value) is expected
+    # client side: gathering-lab listen, LabClient (Filters.matches on the message)
+    assert (
+        event_matches(protocol.Filters(circle_id=wanted), {"type": "a.b", "circle_id": value})
+        is expected
+    )
+    # server side: token scopes and the bus's history filters
+    assert Scope(frozenset([wanted])).allows_ids(value, None) is expected
+    if not isinstance(value, list):
+        assert Event("a.b", circle_id=value).matches_filter(circle_id=wanted) is expected

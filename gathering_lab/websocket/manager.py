@@ -156,13 +156,6 @@ class Session:
         return f"<Session {self.client_id} sent={self.messages_sent}>"
 
 
-def _candidate_patterns(type_name: str) -> tuple[str, ...]:
-    """Every subscription pattern that matches ``type_name``: itself, its prefixes, ``*``."""
-    parts = type_name.split(".")
-    prefixes = (".".join(parts[:i]) + ".*" for i in range(1, len(parts)))
-    return ("*", type_name, *prefixes)
-
-
 class ConnectionManager:
     """Registry of connected clients, fan-out of events to them, and the stats of both.
 
@@ -368,7 +361,7 @@ class ConnectionManager:
         self.total_broadcasts += 1
         if not self._groups:
             return
-        payload = self._payload(event)
+        payload = self._payload(event)  # None (skipped, counted) if it cannot be encoded
         if payload is None:
             return
         self._pending.append(event)
@@ -404,7 +397,9 @@ class ConnectionManager:
         if candidates is None:
             if len(self._candidates) >= 4096:
                 self._candidates.clear()
-            candidates = self._candidates[event.type_name] = _candidate_patterns(event.type_name)
+            candidates = self._candidates[event.type_name] = tuple(
+                protocol.matching_patterns(event.type_name)
+            )
         found: set[GroupKey] = set()
         for pattern in candidates:
             keys = self._by_pattern.get(pattern)

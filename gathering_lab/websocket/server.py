@@ -179,11 +179,14 @@ class _Handler:
         max_message_size: int,
         tls: bool,
         auth: JWTAuth | None = None,
+        max_patterns: int = protocol.DEFAULT_MAX_PATTERNS,
     ) -> None:
         self.bus = bus
         self.manager = manager
         self.tls = tls
         self.auth = auth
+        self.max_patterns = max_patterns
+        self.protocol_errors: dict[str, int] = {}  # error replies sent, by code
         self._expiry: dict[Session, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         #: HTTP requests answered 400 (duplicated headers), on any route.
@@ -287,6 +290,8 @@ class _Handler:
     def stats(self) -> dict[str, Any]:
         stats = self.manager.get_stats()
         stats["max_message_size"] = self.max_message_size
+        stats["max_patterns"] = self.max_patterns
+        stats["protocol_errors"] = dict(self.protocol_errors)
         stats["bus"] = self.bus.get_stats()
         stats["server"] = f"gathering_lab/{__version__}"
         stats["auth"] = None if self.auth is None else self.auth.algorithm
@@ -487,9 +492,10 @@ class _Handler:
                 continue
             message: protocol.ClientMessage | None = None
             try:
-                message = protocol.parse_client_message(frame)
+                message = protocol.parse_client_message(frame, max_patterns=self.max_patterns)
                 reply = await self._dispatch(session, message)
             except ProtocolError as exc:
+                self.protocol_errors[exc.code] = self.protocol_errors.get(exc.code, 0) + 1
                 # Echo the request's id, also when the message failed to parse.
                 request_id = exc.request_id if message is None else message.id
                 reply = protocol.error(exc.code, exc.message, request_id)
@@ -515,14 +521,17 @@ class _Handler:
                         f"circle_id={message.circle_id!r}, project_id={message.project_id!r} "
                         f"is outside this token's scope {identity.scope.to_dict()}",
                     )
-            event = Event(
-                type=message.type,
-                data=message.data,
-                source_agent_id=message.source_agent_id,
-                circle_id=message.circle_id,
-                project_id=message.project_id,
-            )
-            await self.bus.publish(event)
+            try:
+                event = Event(
+                    type=message.type,
+                    data=message.data,
+                    source_agent_id=message.source_agent_id,
+                    circle_id=message.circle_id,
+                    project_id=message.project_id,
+                )
+                await self.bus.publish(event)
+            except ValueError as exc:  # not strict JSON: refused before it was numbered
+                raise ProtocolError("invalid_message", str(exc)) from None
             return protocol.ack("published", message.id, event_id=event.id, seq=event.seq)
         if isinstance(message, protocol.Subscribe):
             self.manager.set_filters(session, message.filters)
@@ -670,6 +679,7 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
         # Limits
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_pending_bytes: int | None = None,
+        max_patterns: int = protocol.DEFAULT_MAX_PATTERNS,
         compression: str | None = None,
         # Timeouts
         ping_interval: float | None = 20,
@@ -680,6 +690,8 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
             raise TypeError("allowed_origins must be a list of origins, not a string")
         if not isinstance(max_message_size, int) or max_message_size < 1024:
             raise ValueError(f"max_message_size must be an int >= 1024, not {max_message_size!r}")
+        if not isinstance(max_patterns, int) or isinstance(max_patterns, bool) or max_patterns < 1:
+            raise ValueError(f"max_patterns must be a positive integer, not {max_patterns!r}")
         if compression not in (None, "off", "deflate"):
             raise ValueError(f"compression must be 'deflate' or None, not {compression!r}")
         if auth is not None and not isinstance(auth, JWTAuth):
@@ -712,6 +724,7 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
             max_message_size=max_message_size,
             tls=ssl is not None,
             auth=auth,
+            max_patterns=max_patterns,
         )
         self.handler.all_events = broadcast
         self.options: dict[str, Any] = {
