@@ -330,12 +330,15 @@ async def test_a_publish_flood_does_not_monopolise_the_loop(bus: EventBus) -> No
 
 @contextlib.asynccontextmanager
 async def serve_process(
-    log: Path, nofile: int, *args: str
+    log: Path, nofile: int, *args: str, hard: int | None = None
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
-    """``gathering-lab serve --port 0 ARGS`` limited to ``nofile`` descriptors (soft and hard)."""
+    """``gathering-lab serve --port 0 ARGS`` with a soft RLIMIT_NOFILE of ``nofile``.
+
+    The hard limit is ``hard``, by default ``nofile`` too (so serve cannot raise it).
+    """
 
     def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard or nofile))
 
     with log.open("wb") as err:
         process = await asyncio.create_subprocess_exec(
@@ -413,3 +416,54 @@ async def _health_ok(port: int) -> bool:
     except (OSError, TimeoutError, ValueError, IndexError):
         return False
     return status == 200
+
+
+async def test_serve_raises_the_soft_descriptor_limit_and_derives_max_connections(
+    tmp_path: Path,
+) -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"the hard RLIMIT_NOFILE here is {hard}")
+    log = tmp_path / "serve.log"
+    async with serve_process(log, 1024, "--log-level", "info", hard=4096) as (_, port):
+        _, _, body = await http_get(port, "/admin/websocket/stats")
+    admission = json.loads(body)["admission"]
+    assert "from 1024 to 4096" in log.read_text()
+    # What 4096 descriptors allow, less the reserve and the headroom: well past 1024.
+    assert 3800 < admission["max_connections"] < admission["max_sockets"] < 4096
+    assert admission["max_connections_per_ip"] == 256
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--max-connections", "0", "must be at least 1"),
+        ("--max-connections-per-ip", "-1", "must be >= 0"),
+        ("--publish-rate", "fast", "invalid rate 'fast'"),
+        ("--publish-burst", "0", "must be at least 1"),
+        ("--open-timeout", "soon", "soon"),
+    ],
+)
+async def test_serve_rejects_bad_limit_flags(flag: str, value: str, message: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gathering_lab", "serve", "--port", "0", flag, value,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(process.communicate(), timeout(20))
+    assert process.returncode == 2
+    assert flag in err.decode() and message in err.decode()
+
+
+async def test_serve_keywords_are_checked() -> None:
+    for bad in (
+        {"max_connections": 0},
+        {"max_connections_per_ip": 0},
+        {"publish_rate": -1},
+        {"publish_burst": 0},
+        {"message_rate": float("nan")},
+        {"open_timeout": 0},
+    ):
+        (name,) = bad
+        with pytest.raises(ValueError, match=name):
+            async with running_server(**bad):
+                pass

@@ -934,6 +934,13 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
             raise ValueError(f"compression must be 'deflate' or None, not {compression!r}")
         if auth is not None and not isinstance(auth, JWTAuth):
             raise TypeError(f"auth must be a JWTAuth or None, not {type(auth).__name__}")
+        # Checked before the port is bound.
+        rates = RateLimits(publish_rate, publish_burst, message_rate, message_burst, LOG_INTERVAL)
+        if open_timeout is not None and not (
+            isinstance(open_timeout, (int, float)) and 0 < open_timeout < float("inf")
+        ):
+            raise ValueError(f"open_timeout must be a number of seconds > 0, not {open_timeout!r}")
+        admission = _admission(max_connections, max_connections_per_ip)
         self.host = host
         self.port = port
         self.bus = bus if bus is not None else event_bus
@@ -954,11 +961,6 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
                 self.sock.getsockname()[0],
             )
         self.ssl = ssl
-        rates = RateLimits(publish_rate, publish_burst, message_rate, message_burst, LOG_INTERVAL)
-        if open_timeout is not None and not (
-            isinstance(open_timeout, (int, float)) and 0 < open_timeout < float("inf")
-        ):
-            raise ValueError(f"open_timeout must be a number of seconds > 0, not {open_timeout!r}")
         self.handler = _Handler(
             bus=self.bus,
             manager=self.manager,
@@ -966,9 +968,7 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
             max_message_size=max_message_size,
             tls=ssl is not None,
             auth=auth,
-            gate=_Gate(
-                _admission(max_connections, max_connections_per_ip), self.manager, open_timeout
-            ),
+            gate=_Gate(admission, self.manager, open_timeout),
             rates=rates,
         )
         self.options: dict[str, Any] = {
