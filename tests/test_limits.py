@@ -305,7 +305,8 @@ async def probe_under_flood(server: Server) -> tuple[float, float]:
         try:
             assert flooder.stdout is not None
             assert await asyncio.wait_for(flooder.stdout.readline(), timeout(20)) == b"flooding\n"
-            await wait_for(lambda: server.bus.last_seq > 200, 10)
+            # Past the bursts, in the sustained flood (the bursts are a bounded, one-off cost).
+            await wait_for(lambda: server.get_stats()["messages_throttled"] > 0, 10)
             flooded = statistics.median(await ping_rtts(probe, 200))
         finally:
             with contextlib.suppress(ProcessLookupError):
@@ -320,7 +321,7 @@ async def test_a_publish_flood_does_not_monopolise_the_loop(bus: EventBus) -> No
         baseline, flooded = await probe_under_flood(server)
         stats = server.get_stats()
     print(f"ping p50 alone {baseline * 1e3:.2f} ms, during a flood {flooded * 1e3:.2f} ms")
-    assert stats["publishes_rate_limited"] > 0 or stats["messages_throttled"] > 0
+    assert stats["publishes_rate_limited"] > 0
     assert flooded < 20 * baseline + timeout(0.001)  # without the limits: about 1000 x
 
 
