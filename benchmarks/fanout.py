@@ -104,7 +104,11 @@ def server_command(name: str, port: int, args: argparse.Namespace) -> list[str]:
     if name == "lab":
         return [
             py, "-m", "gathering_lab", "serve", "--host", HOST, "--port", str(port),
-            "--log-level", "warning", *args.lab_arg,
+            "--log-level", "warning",
+            # Every client is on loopback, and the publisher goes full speed: this measures
+            # fan-out, not admission (the peers have no such limits either).
+            "--max-connections-per-ip", "0", "--publish-rate", "0",
+            *args.lab_arg,
         ]  # fmt: skip
     if name == "bare":
         script, extra = "bare_websockets.py", args.bare_arg

@@ -75,6 +75,118 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _limit(text: str) -> int:
+    """An argparse type for a count where 0 means no limit."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: expected an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid count {value}: must be >= 0 (0 = no limit)")
+    return value
+
+
+def _add_limit_arguments(serve: argparse.ArgumentParser) -> None:
+    from .websocket.limits import (
+        DEFAULT_MAX_CONNECTIONS_PER_IP,
+        DEFAULT_OPEN_TIMEOUT,
+        DEFAULT_PUBLISH_BURST,
+        DEFAULT_PUBLISH_RATE,
+        MESSAGE_RATE_FACTOR,
+    )
+
+    group = serve.add_argument_group(
+        "admission and rate limits",
+        "Past a connection limit the WebSocket upgrade is answered HTTP 503 (/health keeps "
+        'answering); a publish past the rate is answered {"type":"error","data":{"code":'
+        '"rate_limited"}} and not published.',
+    )
+    group.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="WebSocket clients in all (default: what the descriptor limit allows, which "
+        "serve raises to its hard limit, up to 65536)",
+    )
+    group.add_argument(
+        "--max-connections-per-ip",
+        type=_limit,
+        default=DEFAULT_MAX_CONNECTIONS_PER_IP,
+        metavar="N",
+        help=f"WebSocket clients from one address, loopback included (default "
+        f"{DEFAULT_MAX_CONNECTIONS_PER_IP}; 0 = no limit, e.g. behind a proxy)",
+    )
+    group.add_argument(
+        "--open-timeout",
+        type=_seconds,
+        default=DEFAULT_OPEN_TIMEOUT,
+        metavar="SECONDS",
+        help=f"close connections that have not completed the WebSocket handshake by then "
+        f"(default {DEFAULT_OPEN_TIMEOUT:g})",
+    )
+    group.add_argument(
+        "--publish-rate",
+        type=_rate,
+        default=DEFAULT_PUBLISH_RATE,
+        metavar="N",
+        help=f"publishes per second per connection (default {DEFAULT_PUBLISH_RATE:g}; "
+        "0 = no limit)",
+    )
+    group.add_argument(
+        "--publish-burst",
+        type=_positive_int,
+        default=DEFAULT_PUBLISH_BURST,
+        metavar="N",
+        help=f"publishes allowed at once above the rate (default {DEFAULT_PUBLISH_BURST})",
+    )
+    group.add_argument(
+        "--message-rate",
+        type=_rate,
+        default=None,
+        metavar="N",
+        help=f"messages of any kind read per second per connection; past it the server "
+        f"reads the client's next one later (default {MESSAGE_RATE_FACTOR} x the publish "
+        "rate; 0 = no limit)",
+    )
+    group.add_argument(
+        "--message-burst",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help=f"messages read at once above that rate (default {MESSAGE_RATE_FACTOR} x the "
+        "publish burst)",
+    )
+
+
+def _raise_descriptor_limit(max_connections: int | None) -> None:
+    """Raise the soft RLIMIT_NOFILE towards the hard one: up to 65536, or what is asked."""
+    import resource
+
+    from .websocket.limits import DESCRIPTOR_RESERVE, open_descriptors, socket_headroom
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536
+    if max_connections is not None:
+        wanted = max(
+            wanted,
+            max_connections
+            + socket_headroom(max_connections)
+            + open_descriptors()
+            + DESCRIPTOR_RESERVE,
+        )
+    if hard != resource.RLIM_INFINITY:
+        wanted = min(wanted, hard)
+    if soft == resource.RLIM_INFINITY or wanted <= soft:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError) as exc:
+        logger.warning("could not raise the descriptor limit from %d to %d: %s", soft, wanted, exc)
+        return
+    logger.info("raised the descriptor limit (RLIMIT_NOFILE) from %d to %d", soft, wanted)
+
+
 def _scope_id(text: str) -> int | str:
     text = text.strip()
     if not text or len(text) > 128:
@@ -441,6 +553,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--certfile", help="TLS certificate (PEM) to serve wss://")
     serve.add_argument("--keyfile", help="TLS private key (PEM), with --certfile")
+    _add_limit_arguments(serve)
     _add_auth_arguments(serve)
     _add_log_level(serve)
 
@@ -491,6 +604,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
     auth = _auth_from_args(args)
     event_bus.configure(history_size=args.history, history_bytes=args.history_bytes)
+    _raise_descriptor_limit(args.max_connections)
     server = await serve(
         args.host,
         args.port,
@@ -502,6 +616,13 @@ async def _serve(args: argparse.Namespace) -> int:
         max_pending_bytes=args.max_pending,
         compression=None if args.compression == "off" else args.compression,
         ssl=ssl_context,
+        max_connections=args.max_connections,
+        max_connections_per_ip=args.max_connections_per_ip or None,
+        open_timeout=args.open_timeout,
+        publish_rate=args.publish_rate,
+        publish_burst=args.publish_burst,
+        message_rate=args.message_rate,
+        message_burst=args.message_burst,
     )
     # Everything loaded so far lives as long as the process: keep it out of the
     # cyclic GC's way, so a full collection stays short (tail latency).
@@ -515,12 +636,24 @@ async def _serve(args: argparse.Namespace) -> int:
     print(f"  dashboard  {server.http_url}/dashboard", flush=True)
     print(f"  stats      {server.http_url}/admin/websocket/stats", flush=True)
     print(f"  auth       {'off' if auth is None else auth.algorithm + ' tokens'}", flush=True)
+    print(f"  limits     {_limits_line(server.get_stats())}", flush=True)
     print("Press Ctrl+C to stop.", flush=True)
     await stop.wait()
     print("shutting down: closing clients with 1001", flush=True)
     server.close()
     await server.wait_closed()
     return 0
+
+
+def _limits_line(stats: dict[str, Any]) -> str:
+    admission, rates = stats["admission"], stats["rate_limits"]
+    per_ip = admission["max_connections_per_ip"]
+    rate = rates["publish_rate"]
+    return (
+        f"{admission['max_connections']} clients"
+        f" ({'no per-address limit' if per_ip is None else f'{per_ip} per address'}), "
+        + (f"{rate:g} publishes/s per client" if rate else "no publish rate limit")
+    )
 
 
 def _auth_from_args(args: argparse.Namespace) -> Any:

@@ -21,7 +21,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from importlib import resources
 from types import TracebackType
 from typing import Any
@@ -38,6 +38,20 @@ from .. import __version__, protocol
 from ..auth import EVERYTHING, Identity, JWTAuth, bearer_token, install_redaction
 from ..events import Event, EventBus, event_bus
 from ..exceptions import AuthError, PortInUseError, ProtocolError
+from .limits import (
+    DEFAULT_MAX_CONNECTIONS_PER_IP,
+    DEFAULT_OPEN_TIMEOUT,
+    DEFAULT_PUBLISH_BURST,
+    DEFAULT_PUBLISH_RATE,
+    DESCRIPTOR_RESERVE,
+    Admission,
+    ClientLimits,
+    LogThrottle,
+    RateLimits,
+    default_max_connections,
+    descriptor_limit,
+    open_descriptors,
+)
 from .manager import ConnectionManager, Session, manager_for
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "LOOPBACK_ORIGIN", "Server", "bind", "serve"]
@@ -54,6 +68,12 @@ LOOPBACK_ORIGIN = re.compile(r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d{1,
 #: Headers the server reads one value of: a request with two of one is answered 400.
 _SINGLE_HEADERS = ("Authorization", "Host", "Upgrade")
 _CLIENT_ID = re.compile(r"^[\w.:@~+-]{1,128}$")
+#: Seconds a refused client is asked to wait (Retry-After) before it tries again.
+RETRY_AFTER = 5
+#: At most one log line per this many seconds for each kind of repeated refusal.
+LOG_INTERVAL = 10.0
+#: accept() errors that mean "out of descriptors or memory" (asyncio retries after 1 s).
+_ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _STATIC_TYPES = {
     ".html": "text/html; charset=utf-8",
     ".js": "text/javascript; charset=utf-8",
@@ -102,8 +122,10 @@ class Server:
         handler: _Handler,
         subscription: str | None,
         host: str,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         self._ws_server = ws_server
+        self._on_close = on_close
         self.bus = bus
         self.manager = manager
         self._handler = handler
@@ -136,6 +158,9 @@ class Server:
         if self._subscription is not None:
             self.manager.detach(self._subscription)
             self._subscription = None
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
         self.manager.flush()
         # Release the port now (websockets closes the listening socket in a task),
         # so a server can start again on it straight away.
@@ -167,6 +192,118 @@ class Server:
         return f"<Server {self.url} {state} clients={self.manager.active_connections}>"
 
 
+class _Gate:
+    """Admission at accept() and at the upgrade, and accept() failures: counts, 503s, logs."""
+
+    def __init__(
+        self,
+        admission: Admission,
+        manager: ConnectionManager,
+        open_timeout: float | None = DEFAULT_OPEN_TIMEOUT,
+    ) -> None:
+        self.admission = admission
+        self.manager = manager
+        self.open_timeout = open_timeout
+        self.accept_errors = 0
+        self._accept_log = LogThrottle(LOG_INTERVAL)
+        self._refusal_log = LogThrottle(LOG_INTERVAL)
+        self._eviction_log = LogThrottle(LOG_INTERVAL)
+        self._busy = _json_response(
+            http.HTTPStatus.SERVICE_UNAVAILABLE,
+            {"error": "server busy: too many open connections; retry later", "code": "max_sockets"},
+        )
+        self._busy.headers["Retry-After"] = str(RETRY_AFTER)
+        self._busy.headers["Server"] = f"gathering_lab/{__version__}"
+
+    def admit(self, connection: ServerConnection) -> Response | None:
+        """None if this WebSocket upgrade may go on, else the 503 that refuses it."""
+        reason = self.admission.admit(connection)
+        return None if reason is None else self._refuse_admission(connection, reason)
+
+    def accepted(self, connection: ServerConnection, transport: Any) -> None:
+        """Count a socket just accepted; make room for it, or answer 503 and close it."""
+        peer = transport.get_extra_info("peername")
+        ip = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        keep, evicted = self.admission.opened(connection, ip)
+        for victim in evicted:
+            assert isinstance(victim, ServerConnection)
+            victim.transport.abort()
+        if evicted:
+            held = self._eviction_log.ready(time.monotonic())
+            if held is not None:
+                logger.warning(
+                    "at %d sockets: closed the oldest connection that had not sent its "
+                    "request yet, to make room (%d more since the last report)",
+                    self.admission.sockets,
+                    held,
+                )
+        if not keep:
+            self.manager.rejected_connections += 1
+            self._log_refusal(ip, "max_sockets")
+            transport.write(self._busy.serialize())
+            transport.close()
+
+    def _refuse_admission(self, connection: ServerConnection, reason: str) -> Response:
+        """The 503 answer to a WebSocket upgrade over a connection limit."""
+        self.manager.rejected_connections += 1
+        remote = connection.remote_address
+        ip = str(remote[0]) if remote else ""
+        self._log_refusal(ip, reason)
+        if reason == "max_connections_per_ip":
+            text = (
+                f"too many connections from {ip}: {self.admission.max_connections_per_ip} "
+                "WebSocket clients per address (max_connections_per_ip); retry later"
+            )
+        elif reason == "max_connections":
+            text = (
+                f"too many connections: this server takes {self.admission.max_connections} "
+                "WebSocket clients (max_connections); retry later"
+            )
+        else:
+            text = "server busy: too many open connections; retry later"
+        response = _json_response(
+            http.HTTPStatus.SERVICE_UNAVAILABLE, {"error": text, "code": reason}
+        )
+        response.headers["Retry-After"] = str(RETRY_AFTER)
+        return response
+
+    def _log_refusal(self, ip: str, reason: str) -> None:
+        held = self._refusal_log.ready(time.monotonic())
+        if held is not None:
+            logger.warning(
+                "refused a connection from %s with 503: %s reached (%d sockets, %d WebSocket "
+                "clients; %d more refusals since the last report)",
+                ip or "?",
+                reason,
+                self.admission.sockets,
+                self.admission.websockets,
+                held,
+            )
+
+    def accept_failed(self, exc: OSError) -> None:
+        """accept() ran out of descriptors or memory: count it, log it at most every 10 s."""
+        self.accept_errors += 1
+        held = self._accept_log.ready(time.monotonic())
+        if held is None:
+            logger.debug("accept() failed again: %s", exc.strerror)
+            return
+        logger.warning(
+            "accept() failed: %s (errno %s) with %d sockets open; new connections wait in the "
+            "listen backlog, retried every second (%d more failures since the last report). "
+            "Raise the descriptor limit (ulimit -n) or lower max_connections",
+            exc.strerror,
+            errno.errorcode.get(exc.errno or 0, exc.errno),
+            self.admission.sockets,
+            held,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """The admission figures and accept() failures for the stats."""
+        admission = self.admission.to_dict()
+        admission["open_timeout"] = self.open_timeout
+        return {"accept_errors": self.accept_errors, "admission": admission}
+
+
 class _Handler:
     """Per-server connection handling: HTTP routes, origin check, the message loop."""
 
@@ -180,6 +317,8 @@ class _Handler:
         tls: bool,
         auth: JWTAuth | None = None,
         max_patterns: int = protocol.DEFAULT_MAX_PATTERNS,
+        gate: _Gate | None = None,
+        rates: RateLimits | None = None,
     ) -> None:
         self.bus = bus
         self.manager = manager
@@ -194,6 +333,12 @@ class _Handler:
         self.max_message_size = max_message_size
         #: True when the server broadcasts every event of its bus (serve(broadcast=True)).
         self.all_events = True
+        # Admission control and rate limits (see limits.py).
+        self.gate = gate if gate is not None else _Gate(Admission(2**20, None), manager)
+        self.rates = rates if rates is not None else RateLimits(0)
+        self._limits: dict[Session, ClientLimits] = {}
+        self.publishes_rate_limited = 0
+        self.messages_throttled = 0
         self.allow_any_origin = False
         self.allowed_origins: set[str] = set()
         for origin in allowed_origins:
@@ -205,6 +350,7 @@ class _Handler:
     # HTTP
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        self.gate.admission.requested(connection)
         path = urlsplit(request.path).path
         for name in _SINGLE_HEADERS:  # read with headers.get(), which raises on duplicates
             count = len(request.headers.get_all(name))
@@ -221,7 +367,7 @@ class _Handler:
                     http.HTTPStatus.UPGRADE_REQUIRED,
                     {"error": f"{WS_PATH} is a WebSocket endpoint: use a WebSocket client"},
                 )
-            return None
+            return self.gate.admit(connection)
         if path == "/health":
             return _json_response(
                 http.HTTPStatus.OK,
@@ -296,6 +442,16 @@ class _Handler:
         stats["server"] = f"gathering_lab/{__version__}"
         stats["auth"] = None if self.auth is None else self.auth.algorithm
         stats["bad_requests"] = self.bad_requests
+        stats.update(self.gate.stats())
+        stats["publishes_rate_limited"] = self.publishes_rate_limited
+        stats["messages_throttled"] = self.messages_throttled
+        stats["rate_limits"] = self.rates.to_dict()
+        mine = {(s.client_id, s.remote): limits for s, limits in self._limits.items()}
+        for client in stats.get("clients", ()):
+            limits = mine.get((client.get("client_id"), client.get("remote")))
+            if limits is not None:
+                client["publishes_rate_limited"] = limits.publishes_rate_limited
+                client["messages_throttled"] = limits.messages_throttled
         return stats
 
     def origin_allowed(self, origin: str | None, host: str | None = None) -> bool:
@@ -356,6 +512,7 @@ class _Handler:
         # caught up: every event exactly once, in order.
         session = self.manager.connect(connection, client_id, scope, live=resume is None)
         session.identity = identity
+        self._limits[session] = self.rates.for_client(time.monotonic())
         logger.info("client %s connected from %s", client_id, session.remote)
         try:
             extras = {} if identity is None else identity.to_dict()
@@ -396,6 +553,7 @@ class _Handler:
             expiry = self._expiry.pop(session, None)
             if expiry is not None:
                 expiry.cancel()
+            self._limits.pop(session, None)
             self.manager.disconnect(session)
             logger.info("client %s disconnected", client_id)
 
@@ -483,8 +641,16 @@ class _Handler:
         task.add_done_callback(self._tasks.discard)
 
     async def _message_loop(self, connection: ServerConnection, session: Session) -> None:
+        limits = self._limits.get(session)
         async for frame in connection:
             session.messages_received += 1
+            if limits is not None and limits.messages is not None:
+                # Over the message rate: read this client's next messages later (its frames
+                # wait in websockets' queue, then in TCP buffers). Nothing is dropped.
+                delay = limits.message_delay(time.monotonic())
+                if delay > 0:
+                    self.messages_throttled += 1
+                    await asyncio.sleep(delay)
             if isinstance(frame, bytes):
                 await connection.close(1003, "binary frames are not supported; send JSON text")
                 return
@@ -521,6 +687,9 @@ class _Handler:
                         f"circle_id={message.circle_id!r}, project_id={message.project_id!r} "
                         f"is outside this token's scope {identity.scope.to_dict()}",
                     )
+            limits = self._limits.get(session)
+            if limits is not None and not limits.allow_publish(time.monotonic()):
+                self._rate_limited(session, limits)
             try:
                 event = Event(
                     type=message.type,
@@ -543,6 +712,27 @@ class _Handler:
             await self._resume(session, message)
             return None
         raise ProtocolError("unknown_type", f"unsupported message {type(message).__name__}")
+
+    def _rate_limited(self, session: Session, limits: ClientLimits) -> None:
+        """Count and log (at most every 10 s per client) a refused publish, then refuse it."""
+        rates = self.rates
+        self.publishes_rate_limited += 1
+        held = limits.log.ready(time.monotonic())
+        if held is not None:
+            logger.warning(
+                "client %s publishes faster than %g/s (burst %d): refused with rate_limited "
+                "(%d so far from it, %d since the last report)",
+                session.client_id,
+                rates.publish_rate,
+                rates.publish_burst,
+                limits.publishes_rate_limited,
+                held,
+            )
+        raise ProtocolError(
+            "rate_limited",
+            f"publish rate over {rates.publish_rate:g} events/s (burst {rates.publish_burst}): "
+            "this event was not published; slow down and send it again",
+        )
 
     def _reauthenticate(self, session: Session, message: protocol.Auth) -> dict[str, Any]:
         """A fresh token on an open connection (e.g. before the old one expires)."""
@@ -648,6 +838,82 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _admission(max_connections: int | None, per_ip: int | None) -> Admission:
+    """The admission counts for serve(): checks the keywords, defaults from the fd limit."""
+    if per_ip is not None and (isinstance(per_ip, bool) or not isinstance(per_ip, int)):
+        raise ValueError(f"max_connections_per_ip must be an int >= 1 or None, not {per_ip!r}")
+    soft, open_now = descriptor_limit(), open_descriptors()
+    if max_connections is None:
+        return Admission(default_max_connections(soft, open_now), per_ip)
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int):
+        raise ValueError(f"max_connections must be an int >= 1, not {max_connections!r}")
+    admission = Admission(max_connections, per_ip)
+    needed = admission.max_sockets + open_now + DESCRIPTOR_RESERVE
+    if needed > soft:
+        logger.warning(
+            "max_connections=%d needs about %d file descriptors but this process may open "
+            "%d (RLIMIT_NOFILE): past about %d sockets accept() fails with EMFILE. Raise the "
+            "limit (ulimit -n) or lower max_connections",
+            max_connections,
+            needed,
+            soft,
+            max(0, soft - open_now - DESCRIPTOR_RESERVE),
+        )
+    return admission
+
+
+def _connection_class(handler: _Handler) -> type[ServerConnection]:
+    """A ServerConnection that reports its socket's accept and close to ``handler``."""
+
+    class Connection(ServerConnection):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            handler.gate.accepted(self, transport)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            handler.gate.admission.closed(self)
+            super().connection_lost(exc)
+
+    return Connection
+
+
+def _filter_accept_errors(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, handler: _Handler
+) -> Callable[[], None]:
+    """Route the loop's accept() resource errors on ``sock`` to ``handler``; return an undo.
+
+    asyncio reports each failed accept() (EMFILE, ENFILE, ENOBUFS, ENOMEM) to the loop's
+    exception handler, whose default logs a traceback each time: up to a hundred per second
+    (its accept loop goes on trying within one turn, then again a second later). Other
+    errors, and other sockets', go to the handler that was there before.
+    """
+    previous = loop.get_exception_handler()
+    fileno = sock.fileno()
+
+    def on_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        listening = context.get("socket")
+        if (
+            isinstance(exc, OSError)
+            and exc.errno in _ACCEPT_RESOURCE_ERRNOS
+            and listening is not None
+            and listening.fileno() == fileno
+        ):
+            handler.gate.accept_failed(exc)
+        elif previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(on_error)
+
+    def restore() -> None:
+        if loop.get_exception_handler() is on_error:
+            loop.set_exception_handler(previous)
+
+    return restore
+
+
 def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
     """Bind a listening socket for :func:`serve` (``sock=``); raises PortInUseError if busy."""
     return _bind(host, port)
@@ -661,6 +927,16 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
     event of ``bus`` goes to the clients; with ``broadcast=False`` only what
     :func:`~gathering_lab.websocket.integration.setup_websocket_broadcasting`
     and ``setup_custom_broadcasting`` enable.
+
+    Admission and rate limits (``0`` or ``None`` = no limit where noted):
+    ``max_connections`` WebSocket clients in all (default: what the descriptor limit
+    allows, see :func:`~gathering_lab.websocket.limits.default_max_connections`) and
+    ``max_connections_per_ip`` from one address (None = no limit); past either, the
+    upgrade is refused with HTTP 503. ``open_timeout`` bounds a connection's handshake.
+    ``publish_rate`` publishes per second per connection with ``publish_burst`` above it
+    (0 = no limit; the excess is answered ``rate_limited``); ``message_rate`` and
+    ``message_burst`` pace every message a client sends (default: twice the publish
+    figures; 0 = no limit; past it the server reads that client's next message later).
     """
 
     def __init__(
@@ -681,7 +957,15 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
         max_pending_bytes: int | None = None,
         max_patterns: int = protocol.DEFAULT_MAX_PATTERNS,
         compression: str | None = None,
+        # Admission and rate limits
+        max_connections: int | None = None,
+        max_connections_per_ip: int | None = DEFAULT_MAX_CONNECTIONS_PER_IP,
+        publish_rate: float = DEFAULT_PUBLISH_RATE,
+        publish_burst: int = DEFAULT_PUBLISH_BURST,
+        message_rate: float | None = None,
+        message_burst: int | None = None,
         # Timeouts
+        open_timeout: float | None = DEFAULT_OPEN_TIMEOUT,
         ping_interval: float | None = 20,
         ping_timeout: float | None = 20,
         close_timeout: float | None = 5,
@@ -696,6 +980,13 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
             raise ValueError(f"compression must be 'deflate' or None, not {compression!r}")
         if auth is not None and not isinstance(auth, JWTAuth):
             raise TypeError(f"auth must be a JWTAuth or None, not {type(auth).__name__}")
+        # Checked before the port is bound.
+        rates = RateLimits(publish_rate, publish_burst, message_rate, message_burst, LOG_INTERVAL)
+        if open_timeout is not None and not (
+            isinstance(open_timeout, (int, float)) and 0 < open_timeout < float("inf")
+        ):
+            raise ValueError(f"open_timeout must be a number of seconds > 0, not {open_timeout!r}")
+        admission = _admission(max_connections, max_connections_per_ip)
         self.host = host
         self.port = port
         self.bus = bus if bus is not None else event_bus
@@ -725,11 +1016,14 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
             tls=ssl is not None,
             auth=auth,
             max_patterns=max_patterns,
+            gate=_Gate(admission, self.manager, open_timeout),
+            rates=rates,
         )
         self.handler.all_events = broadcast
         self.options: dict[str, Any] = {
             "compression": "deflate" if compression == "deflate" else None,
             "max_size": max_message_size,
+            "open_timeout": open_timeout,
             "ping_interval": ping_interval,
             "ping_timeout": ping_timeout,
             "close_timeout": close_timeout,
@@ -744,8 +1038,10 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
             process_request=self.handler.process_request,
             server_header=f"gathering_lab/{__version__}",
             logger=connection_logger,
+            create_connection=_connection_class(self.handler),
             **self.options,
         )
+        restore = _filter_accept_errors(asyncio.get_running_loop(), self.sock, self.handler)
         subscription = self.manager.attach(self.bus) if self.broadcast else None
         host = self.sock.getsockname()[0]
         self._server = Server(
@@ -755,6 +1051,7 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
             handler=self.handler,
             subscription=subscription,
             host=host,
+            on_close=restore,
         )
         logger.info("serving on %s", self._server.url)
         return self._server
