@@ -552,7 +552,7 @@ class Soak:
             report.last_seq = (await asyncio.wait_for(self.health_once(), 10 * _scale()))["seq"]
             # Everyone must catch up with the last published seq (bounded wait).
             with contextlib.suppress(TimeoutError):
-                await self._wait(lambda: all(s.last_seq >= report.last_seq for s in subs), 30)
+                await self._wait(lambda: all(s.last_seq >= report.last_seq for s in subs), 15)
             self.done.set()
             await asyncio.wait_for(asyncio.gather(*sub_tasks), 10 * _scale())
             await asyncio.sleep(1.0)  # aborted never-readers are reaped within a second
