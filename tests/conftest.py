@@ -1,14 +1,33 @@
-"""Shared fixtures: every test gets its own bus and connection manager."""
+"""Shared fixtures: every test gets its own bus and connection manager.
+
+Hypothesis profiles (``HYPOTHESIS_PROFILE=dev pytest ...`` to pick one):
+
+* ``ci`` (the default): 50 examples per property, derandomized (the same examples on
+  every run, so a CI failure reproduces locally), no example database written, no
+  per-example deadline (a shared 2-core runner is slow in bursts).
+* ``dev``: 200 random examples; failures saved in ``.hypothesis/`` and replayed first;
+  the seed of a failure is printed (``--hypothesis-seed`` reruns it).
+* ``thorough``: 2,000 random examples, for a long local run.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 
 import pytest
+from hypothesis import settings
 
 from gathering_lab.events import EventBus
 from gathering_lab.testing import running_server
 from gathering_lab.websocket import ConnectionManager, Server
+
+settings.register_profile(
+    "ci", max_examples=50, deadline=None, derandomize=True, database=None, print_blob=True
+)
+settings.register_profile("dev", max_examples=200, deadline=None, print_blob=True)
+settings.register_profile("thorough", max_examples=2000, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture
