@@ -36,9 +36,15 @@ class ProtocolError(GatheringLabError):
     """A message that breaks the wire protocol; ``code`` is the error code sent back.
 
     ``request_id`` is the ``id`` of the client message it answers, if known (echoed).
+    A ``message`` longer than :attr:`MAX_LENGTH` characters is cut there: it names the bad
+    value, and a client must not be able to make the server echo a megabyte back.
     """
 
+    MAX_LENGTH = 500
+
     def __init__(self, code: str, message: str, request_id: str | int | None = None) -> None:
+        if len(message) > self.MAX_LENGTH:
+            message = message[: self.MAX_LENGTH - 3] + "..."
         super().__init__(message)
         self.code = code
         self.message = message

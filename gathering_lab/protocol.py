@@ -694,6 +694,15 @@ def _lone_surrogate(value: Any) -> str | None:
     return None
 
 
+def _lenient_request_id(frame: str | bytes) -> RequestId | None:
+    """The ``id`` of a frame that is JSON but for NaN or Infinity, if it has a valid one."""
+    try:
+        message = json.loads(frame)
+        return request_id(message) if isinstance(message, dict) else None
+    except (ValueError, RecursionError, ProtocolError):
+        return None
+
+
 def parse_client_message(
     frame: str | bytes, *, max_patterns: int = DEFAULT_MAX_PATTERNS
 ) -> ClientMessage:
@@ -708,8 +717,18 @@ def parse_client_message(
     When the frame is a JSON object with a valid ``id``, the ProtocolError carries
     it as ``request_id``, so the error reply can echo it.
     """
+    if isinstance(frame, str) and not frame.isascii():
+        try:  # a str from Python may hold a raw lone surrogate (a text frame cannot)
+            frame.encode()
+        except UnicodeEncodeError:
+            raise ProtocolError(
+                "invalid_message", "message holds a lone UTF-16 surrogate: not valid Unicode text"
+            ) from None
     try:
         message = json.loads(frame, parse_constant=_refuse_constant)
+    except ProtocolError as exc:  # NaN or Infinity: still answer with the request's id
+        exc.request_id = _lenient_request_id(frame)
+        raise
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError("invalid_json", "message is not valid JSON") from None
     except RecursionError:

@@ -477,7 +477,8 @@ def client_frames(draw: st.DrawFn) -> tuple[str, str]:
 def render(body: str, request_id: int | str) -> str:
     """Put ``request_id`` in place of the ``"id":0`` an object body starts with."""
     assert body.startswith('{"id": 0') or body.startswith('{"id":0'), body[:40]
-    return '{"id":' + json.dumps(request_id) + body[body.index(",") :]
+    prefix = '{"id": 0' if body.startswith('{"id": 0') else '{"id":0'
+    return '{"id":' + json.dumps(request_id) + body[len(prefix) :]
 
 
 _examples = itertools.count(1)
