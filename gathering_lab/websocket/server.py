@@ -36,8 +36,8 @@ from websockets.http11 import Request, Response
 
 from .. import __version__, protocol
 from ..auth import EVERYTHING, Identity, JWTAuth, bearer_token, install_redaction
-from ..events import Event, EventBus, event_bus
-from ..exceptions import AuthError, PortInUseError, ProtocolError
+from ..events import EventBus, event_bus
+from ..exceptions import AuthError, PortInUseError
 from .limits import (
     DEFAULT_MAX_CONNECTIONS_PER_IP,
     DEFAULT_OPEN_TIMEOUT,
@@ -45,7 +45,6 @@ from .limits import (
     DEFAULT_PUBLISH_RATE,
     DESCRIPTOR_RESERVE,
     Admission,
-    ClientLimits,
     LogThrottle,
     RateLimits,
     default_max_connections,
@@ -53,6 +52,21 @@ from .limits import (
     open_descriptors,
 )
 from .manager import ConnectionManager, Session, manager_for
+from .policy import (
+    LOOPBACK_ORIGIN,
+    Action,
+    ChangeFilters,
+    ChangeIdentity,
+    ClientPolicy,
+    CloseConnection,
+    Counters,
+    HandshakePolicy,
+    PublishEvent,
+    Refusal,
+    Replay,
+    Reply,
+    Settings,
+)
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "LOOPBACK_ORIGIN", "Server", "bind", "serve"]
 
@@ -63,8 +77,6 @@ install_redaction(logger, connection_logger)
 
 WS_PATH = "/ws/dashboard"
 DEFAULT_MAX_MESSAGE_SIZE = 2**20
-#: Browser origins accepted by default: loopback hosts on any port.
-LOOPBACK_ORIGIN = re.compile(r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d{1,5})?$")
 #: Headers the server reads one value of: a request with two of one is answered 400.
 _SINGLE_HEADERS = ("Authorization", "Host", "Upgrade")
 _CLIENT_ID = re.compile(r"^[\w.:@~+-]{1,128}$")
@@ -325,7 +337,8 @@ class _Handler:
         self.tls = tls
         self.auth = auth
         self.max_patterns = max_patterns
-        self.protocol_errors: dict[str, int] = {}  # error replies sent, by code
+        self.handshake = HandshakePolicy(auth=auth, allowed_origins=allowed_origins)
+        self.counters = Counters()
         self._expiry: dict[Session, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         #: HTTP requests answered 400 (duplicated headers), on any route.
@@ -336,16 +349,8 @@ class _Handler:
         # Admission control and rate limits (see limits.py).
         self.gate = gate if gate is not None else _Gate(Admission(2**20, None), manager)
         self.rates = rates if rates is not None else RateLimits(0)
-        self._limits: dict[Session, ClientLimits] = {}
-        self.publishes_rate_limited = 0
-        self.messages_throttled = 0
-        self.allow_any_origin = False
-        self.allowed_origins: set[str] = set()
-        for origin in allowed_origins:
-            if origin == "*":
-                self.allow_any_origin = True
-            else:
-                self.allowed_origins.add(origin.rstrip("/"))
+        self.settings = Settings(auth=auth, max_patterns=max_patterns, rates=self.rates)
+        self._policies: dict[Session, ClientPolicy] = {}
 
     # HTTP
 
@@ -437,16 +442,16 @@ class _Handler:
         stats = self.manager.get_stats()
         stats["max_message_size"] = self.max_message_size
         stats["max_patterns"] = self.max_patterns
-        stats["protocol_errors"] = dict(self.protocol_errors)
+        stats["protocol_errors"] = dict(self.counters.protocol_errors)
         stats["bus"] = self.bus.get_stats()
         stats["server"] = f"gathering_lab/{__version__}"
         stats["auth"] = None if self.auth is None else self.auth.algorithm
         stats["bad_requests"] = self.bad_requests
         stats.update(self.gate.stats())
-        stats["publishes_rate_limited"] = self.publishes_rate_limited
-        stats["messages_throttled"] = self.messages_throttled
+        stats["publishes_rate_limited"] = self.counters.publishes_rate_limited
+        stats["messages_throttled"] = self.counters.messages_throttled
         stats["rate_limits"] = self.rates.to_dict()
-        mine = {(s.client_id, s.remote): limits for s, limits in self._limits.items()}
+        mine = {(s.client_id, s.remote): p.limits for s, p in self._policies.items()}
         for client in stats.get("clients", ()):
             limits = mine.get((client.get("client_id"), client.get("remote")))
             if limits is not None:
@@ -454,57 +459,33 @@ class _Handler:
                 client["messages_throttled"] = limits.messages_throttled
         return stats
 
-    def origin_allowed(self, origin: str | None, host: str | None = None) -> bool:
-        """True for no Origin (not a browser), loopback, listed, or same-origin pages."""
-        if origin is None or self.allow_any_origin:
-            return True
-        origin = origin.rstrip("/")
-        if origin in self.allowed_origins or LOOPBACK_ORIGIN.match(origin) is not None:
-            return True
-        # The page this server served itself (reached by any name): another site's
-        # page cannot make its Origin match our Host.
-        return host is not None and urlsplit(origin).netloc.lower() == host.lower()
-
     # WebSocket
 
     async def __call__(self, connection: ServerConnection) -> None:
         request = connection.request
         assert request is not None  # set by the handshake
-        origins = request.headers.get_all("Origin")
-        hosts = request.headers.get_all("Host")
-        origin = origins[0] if origins else None
-        host = hosts[0] if len(hosts) == 1 else None
-        if len(origins) > 1 or not self.origin_allowed(origin, host):
-            self.manager.rejected_connections += 1
-            logger.warning("refused origin %r from %s", origin, connection.remote_address)
-            await connection.close(1008, "Unauthorized origin")
-            return
         query = parse_qs(urlsplit(request.path).query)
-        identity: Identity | None = None
-        via_frame: protocol.Auth | bool = False
-        if self.auth is not None:
-            identity, via_frame = await self._authenticate(connection, request, query)
-            if identity is None:
-                return
-        client_id = (query.get("client_id") or [""])[0]
-        if identity is not None:
-            # The token names the client: a ?client_id= that disagrees is ignored.
-            if client_id and client_id != identity.sub:
-                logger.info("client_id %r ignored: the token is for %r", client_id, identity.sub)
-            client_id = identity.sub
-        elif not client_id:
-            client_id = self.manager.new_client_id()
-        elif not _CLIENT_ID.match(client_id):
-            self.manager.rejected_connections += 1
-            await connection.close(
-                1008, "invalid client_id: use 1-128 letters, digits or . _ - : @ ~ +"
-            )
-            return
+        headers = request.headers
+        handshake = self.handshake
+        auth_frame: protocol.Auth | None = None
         try:
-            resume = self._resume_from_query(query)
-        except ProtocolError as exc:
+            handshake.check_origin(headers.get_all("Origin"), headers.get_all("Host"))
+            identity: Identity | None = None
+            if self.auth is not None:
+                token = handshake.token(headers.get("Authorization"), query)
+                if token is None:
+                    # Browsers cannot set headers: the first frame must be {"type": "auth"}.
+                    auth_frame = handshake.auth_frame(await self._first_frame(connection))
+                    token = auth_frame.token
+                identity = handshake.identify(token)
+            client_id = handshake.client_id(query, identity, self.manager.new_client_id)
+            resume = handshake.resume(query)
+        except Refusal as refusal:
             self.manager.rejected_connections += 1
-            await connection.close(1008, exc.message[:120])
+            logger.info("refused a client from %s: %s", connection.remote_address, refusal.reason)
+            await connection.close(refusal.code, refusal.reason)
+            return
+        except ConnectionClosed:
             return
 
         scope = EVERYTHING if identity is None else identity.receive_scope
@@ -512,38 +493,34 @@ class _Handler:
         # caught up: every event exactly once, in order.
         session = self.manager.connect(connection, client_id, scope, live=resume is None)
         session.identity = identity
-        self._limits[session] = self.rates.for_client(time.monotonic())
+        policy = ClientPolicy(
+            client_id,
+            identity,
+            settings=self.settings,
+            counters=self.counters,
+            now=time.monotonic(),
+        )
+        self._policies[session] = policy
         logger.info("client %s connected from %s", client_id, session.remote)
         try:
-            extras = {} if identity is None else identity.to_dict()
-            self.manager.send(
-                session,
-                protocol.connection_established(
-                    client_id,
-                    server=f"gathering_lab/{__version__}",
-                    seq=self.bus.last_seq,
-                    epoch=self.bus.epoch,
-                    filters=session.filters.to_dict(),
-                    # Every event after `seq` reaches this client unless its own filters
-                    # exclude it: a jump in seq is a loss (not so with a scope, or
-                    # broadcast=False, which skip events).
-                    contiguous=self.all_events and scope.unrestricted,
-                    request_ids=True,  # acks and errors echo the request's "id"
-                    **extras,
-                ),
+            greeting = handshake.greeting(
+                client_id,
+                identity,
+                seq=self.bus.last_seq,
+                epoch=self.bus.epoch,
+                filters=session.filters,
+                all_events=self.all_events,
             )
+            self.manager.send(session, greeting)
             if identity is not None:
                 self._schedule_expiry(session)
-                if via_frame:
-                    request_id = via_frame.id if isinstance(via_frame, protocol.Auth) else None
-                    self.manager.send(session, self._authenticated(session, request_id))
+                if auth_frame is not None:
+                    self.manager.send(session, policy.authenticated(auth_frame.id))
             if resume is not None:
-                try:
-                    await self._resume(session, resume, join=True)
-                except ProtocolError as exc:
-                    self.manager.join(session)
-                    self.manager.send(session, protocol.error(exc.code, exc.message))
-            await self._message_loop(connection, session)
+                if not await self._run(session, policy, policy.resume_from_url(resume)):
+                    return
+            self.manager.join(session)  # (a URL replay that caught up has joined already)
+            await self._message_loop(connection, session, policy)
         except ConnectionClosed:
             pass
         except Exception:
@@ -553,69 +530,83 @@ class _Handler:
             expiry = self._expiry.pop(session, None)
             if expiry is not None:
                 expiry.cancel()
-            self._limits.pop(session, None)
+            self._policies.pop(session, None)
             self.manager.disconnect(session)
             logger.info("client %s disconnected", client_id)
 
-    # Authentication
-
-    async def _authenticate(
-        self, connection: ServerConnection, request: Request, query: dict[str, list[str]]
-    ) -> tuple[Identity | None, protocol.Auth | bool]:
-        """Return the client's identity (and the auth frame it came in, if any), or close 1008."""
+    async def _first_frame(self, connection: ServerConnection) -> str | bytes:
         assert self.auth is not None
-        token = bearer_token(request.headers.get("Authorization"))
-        if token is None:
-            token = next(iter(query.get("token", [])), None)
-        via_frame: protocol.Auth | bool = token is None
-        if token is None:
-            # Browsers cannot set headers: the first frame must be {"type": "auth"}.
-            try:
-                frame = await asyncio.wait_for(connection.recv(), self.auth.timeout)
-            except TimeoutError:
-                await self._refuse(connection, "authentication timeout")
-                return None, True
-            except ConnectionClosed:
-                return None, True
-            message: protocol.ClientMessage | None = None
-            if isinstance(frame, str):
-                try:
-                    message = protocol.parse_client_message(frame)
-                except ProtocolError:
-                    message = None
-            if not isinstance(message, protocol.Auth):
-                await self._refuse(
-                    connection,
-                    'authentication required: send {"type":"auth","data":{"token":...}} first',
-                )
-                return None, True
-            token = message.token
-            via_frame = message
         try:
-            identity = self.auth.verify(token)
-        except AuthError as exc:
-            await self._refuse(connection, str(exc))
-            return None, via_frame
-        if not (identity.has_role("subscribe") or identity.has_role("publish")):
-            await self._refuse(connection, "the token grants neither 'subscribe' nor 'publish'")
-            return None, via_frame
-        return identity, via_frame
+            return await asyncio.wait_for(connection.recv(), self.auth.timeout)
+        except TimeoutError:
+            raise Refusal("authentication timeout") from None
 
-    async def _refuse(self, connection: ServerConnection, reason: str) -> None:
-        self.manager.rejected_connections += 1
-        logger.info("refused a client from %s: %s", connection.remote_address, reason)
-        await connection.close(1008, reason[:120])
+    async def _message_loop(
+        self, connection: ServerConnection, session: Session, policy: ClientPolicy
+    ) -> None:
+        async for frame in connection:
+            session.messages_received += 1
+            # Over the message rate: read this client's next messages later (its frames
+            # wait in websockets' queue, then in TCP buffers). Nothing is dropped.
+            delay = policy.throttle(time.monotonic())
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if session.closing and not isinstance(frame, bytes):
+                continue  # evicted, or its token expired: the close is under way
+            if not await self._run(session, policy, policy.receive(frame, time.monotonic())):
+                return
 
-    def _authenticated(self, session: Session, request_id: Any = None) -> dict[str, Any]:
-        identity = session.identity
-        assert identity is not None
-        return protocol.ack(
-            "authenticated",
-            request_id,
-            client_id=session.client_id,
-            **identity.to_dict(),
-            expires_at=identity.expires_at,
+    async def _run(self, session: Session, policy: ClientPolicy, action: Action) -> bool:
+        """Do what the policy decided; False once the connection is being closed."""
+        manager = self.manager
+        if isinstance(action, Reply):
+            manager.send(session, action.message)
+        elif isinstance(action, PublishEvent):
+            try:
+                await self.bus.publish(action.event)
+            except ValueError as exc:
+                manager.send(session, policy.published(action, exc))
+            else:
+                manager.send(session, policy.published(action))
+        elif isinstance(action, ChangeFilters):
+            manager.set_filters(session, action.filters)
+            manager.send(session, action.reply)
+        elif isinstance(action, Replay):
+            await self._replay(session, policy, action.resume)
+        elif isinstance(action, ChangeIdentity):
+            session.identity = action.identity
+            manager.set_scope(session, action.identity.receive_scope)
+            self._schedule_expiry(session)
+            manager.send(session, action.reply)
+        elif isinstance(action, CloseConnection):
+            await session.connection.close(action.code, action.reason)
+            return False
+        return True
+
+    async def _replay(
+        self, session: Session, policy: ClientPolicy, resume: protocol.Resume
+    ) -> None:
+        """Replay what the client missed, then acknowledge with ``resumed``.
+
+        A client resuming in the URL is not live yet: the replay goes on until it has
+        caught up, then makes it live. A ``resume`` message arrives after live delivery
+        has started: only the events published before the client joined are replayed,
+        so none is sent twice.
+        """
+        join = not session.live
+        sent, gap = await self.manager.replay(
+            session,
+            resume.since_seq,
+            epoch=resume.epoch,
+            upto=None if join else session.joined_seq,
+            join=join,
         )
+        if not session.closing:
+            bus = self.bus
+            ack = policy.resumed(resume, sent=sent, gap=gap, seq=bus.last_seq, epoch=bus.epoch)
+            self.manager.send(session, ack)
+
+    # Token expiry
 
     def _schedule_expiry(self, session: Session) -> None:
         """Close the connection with 1008 when its token expires."""
@@ -639,173 +630,6 @@ class _Handler:
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _message_loop(self, connection: ServerConnection, session: Session) -> None:
-        limits = self._limits.get(session)
-        async for frame in connection:
-            session.messages_received += 1
-            if limits is not None and limits.messages is not None:
-                # Over the message rate: read this client's next messages later (its frames
-                # wait in websockets' queue, then in TCP buffers). Nothing is dropped.
-                delay = limits.message_delay(time.monotonic())
-                if delay > 0:
-                    self.messages_throttled += 1
-                    await asyncio.sleep(delay)
-            if isinstance(frame, bytes):
-                await connection.close(1003, "binary frames are not supported; send JSON text")
-                return
-            if session.closing:  # evicted, or its token expired: the close is under way
-                continue
-            message: protocol.ClientMessage | None = None
-            try:
-                message = protocol.parse_client_message(frame, max_patterns=self.max_patterns)
-                reply = await self._dispatch(session, message)
-            except ProtocolError as exc:
-                self.protocol_errors[exc.code] = self.protocol_errors.get(exc.code, 0) + 1
-                # Echo the request's id, also when the message failed to parse.
-                request_id = exc.request_id if message is None else message.id
-                reply = protocol.error(exc.code, exc.message, request_id)
-            if reply is not None:
-                self.manager.send(session, reply)
-
-    async def _dispatch(
-        self, session: Session, message: protocol.ClientMessage
-    ) -> dict[str, Any] | None:
-        if isinstance(message, protocol.Ping):
-            return protocol.pong(message.id)
-        identity = session.identity
-        if isinstance(message, protocol.Auth):
-            return self._reauthenticate(session, message)
-        if identity is not None and not isinstance(message, protocol.Publish):
-            _require(identity, "subscribe", type(message).__name__.lower())
-        if isinstance(message, protocol.Publish):
-            if identity is not None:
-                _require(identity, "publish", "publish")
-                if not identity.scope.allows_ids(message.circle_id, message.project_id):
-                    raise ProtocolError(
-                        "forbidden",
-                        f"circle_id={message.circle_id!r}, project_id={message.project_id!r} "
-                        f"is outside this token's scope {identity.scope.to_dict()}",
-                    )
-            limits = self._limits.get(session)
-            if limits is not None and not limits.allow_publish(time.monotonic()):
-                self._rate_limited(session, limits)
-            try:
-                event = Event(
-                    type=message.type,
-                    data=message.data,
-                    source_agent_id=message.source_agent_id,
-                    circle_id=message.circle_id,
-                    project_id=message.project_id,
-                )
-                await self.bus.publish(event)
-            except ValueError as exc:  # not strict JSON: refused before it was numbered
-                raise ProtocolError("invalid_message", str(exc)) from None
-            return protocol.ack("published", message.id, event_id=event.id, seq=event.seq)
-        if isinstance(message, protocol.Subscribe):
-            self.manager.set_filters(session, message.filters)
-            return protocol.ack("subscribed", message.id, **message.filters.to_dict())
-        if isinstance(message, protocol.Unsubscribe):
-            self.manager.set_filters(session, protocol.Filters())
-            return protocol.ack("subscribed", message.id, **protocol.Filters().to_dict())
-        if isinstance(message, protocol.Resume):
-            await self._resume(session, message)
-            return None
-        raise ProtocolError("unknown_type", f"unsupported message {type(message).__name__}")
-
-    def _rate_limited(self, session: Session, limits: ClientLimits) -> None:
-        """Count and log (at most every 10 s per client) a refused publish, then refuse it."""
-        rates = self.rates
-        self.publishes_rate_limited += 1
-        held = limits.log.ready(time.monotonic())
-        if held is not None:
-            logger.warning(
-                "client %s publishes faster than %g/s (burst %d): refused with rate_limited "
-                "(%d so far from it, %d since the last report)",
-                session.client_id,
-                rates.publish_rate,
-                rates.publish_burst,
-                limits.publishes_rate_limited,
-                held,
-            )
-        raise ProtocolError(
-            "rate_limited",
-            f"publish rate over {rates.publish_rate:g} events/s (burst {rates.publish_burst}): "
-            "this event was not published; slow down and send it again",
-        )
-
-    def _reauthenticate(self, session: Session, message: protocol.Auth) -> dict[str, Any]:
-        """A fresh token on an open connection (e.g. before the old one expires)."""
-        if self.auth is None:
-            raise ProtocolError("invalid_message", "authentication is off on this server")
-        try:
-            identity = self.auth.verify(message.token)
-        except AuthError as exc:
-            raise ProtocolError("unauthorized", str(exc)) from None
-        if identity.sub != session.client_id:
-            raise ProtocolError(
-                "forbidden", "the token is for another client id; reconnect to change identity"
-            )
-        if not (identity.has_role("subscribe") or identity.has_role("publish")):
-            raise ProtocolError("forbidden", "the token grants neither 'subscribe' nor 'publish'")
-        session.identity = identity
-        self.manager.set_scope(session, identity.receive_scope)
-        self._schedule_expiry(session)
-        return self._authenticated(session, message.id)
-
-    @staticmethod
-    def _resume_from_query(query: dict[str, list[str]]) -> protocol.Resume | None:
-        if "last_seq" not in query:
-            return None
-        raw = query["last_seq"][0]
-        if not raw.isdigit():
-            raise ProtocolError("invalid_message", f"last_seq must be an integer >= 0, not {raw!r}")
-        epochs = query.get("epoch")
-        epoch = epochs[0] if epochs else None
-        return protocol.Resume(int(raw), epoch)
-
-    async def _resume(
-        self, session: Session, resume: protocol.Resume, *, join: bool = False
-    ) -> None:
-        """Replay what the client missed, then acknowledge with ``resumed``.
-
-        ``join=True`` (a resume in the URL) goes on until the client has caught up
-        and then makes it live. A ``resume`` message arrives after live delivery
-        has started: only the events published before the client joined are
-        replayed, so none is sent twice.
-        """
-        if session.identity is not None:
-            _require(session.identity, "subscribe", "resume")
-        sent, gap = await self.manager.replay(
-            session,
-            resume.since_seq,
-            epoch=resume.epoch,
-            upto=None if join else session.joined_seq,
-            join=join,
-        )
-        if session.closing:
-            return
-        bus = self.bus
-        self.manager.send(
-            session,
-            protocol.ack(
-                "resumed",
-                resume.id,
-                count=sent,
-                since_seq=resume.since_seq,
-                seq=bus.last_seq,
-                epoch=bus.epoch,
-                gap=gap,
-            ),
-        )
-
-
-def _require(identity: Identity, role: str, action: str) -> None:
-    if not identity.has_role(role):
-        roles = ", ".join(sorted(identity.roles)) or "none"
-        raise ProtocolError(
-            "forbidden", f"{action} needs the '{role}' role; this token has: {roles}"
-        )
 
 
 def _is_loopback(sock: socket.socket) -> bool:
