@@ -459,18 +459,27 @@ def mb(n: int) -> float:
     return round(n / MiB, 1)
 
 
-def raw_handshake(port: int, query: str, rcvbuf: int = 4096, timeout: float = 10) -> socket.socket:
-    """A TCP socket that completed the WebSocket handshake and will never be read again."""
+def send_handshake(port: int, query: str, rcvbuf: int = 4096, timeout: float = 10) -> socket.socket:
+    """A TCP socket (small receive buffer) that sent a WebSocket upgrade request."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.settimeout(timeout)
-    sock.connect((HOST, port))
-    request = (
-        f"GET /ws/dashboard?{query} HTTP/1.1\r\nHost: {HOST}:{port}\r\nUpgrade: websocket\r\n"
-        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n"
-    )
-    sock.sendall(request.encode())
+    try:
+        sock.connect((HOST, port))
+        request = (
+            f"GET /ws/dashboard?{query} HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        sock.sendall(request.encode())
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def read_handshake(sock: socket.socket) -> socket.socket:
+    """Read the 101 response's head, and nothing more ever after."""
     head = b""
     while b"\r\n\r\n" not in head and len(head) < 65536:
         chunk = sock.recv(1024)
@@ -486,10 +495,16 @@ def raw_handshake(port: int, query: str, rcvbuf: int = 4096, timeout: float = 10
 def open_all(
     port: int, count: int, query: str, socks: list[socket.socket], failures: list[str]
 ) -> None:
-    """``count`` raw handshakes with ``query``, appended to ``socks`` as they complete."""
+    """``count`` raw handshakes with ``query``: all requests sent first, then the 101s read."""
+    sent = []
     for i in range(count):
         try:
-            socks.append(raw_handshake(port, f"client_id=r{i}&{query}"))
+            sent.append(send_handshake(port, f"client_id=r{i}&{query}"))
+        except OSError as exc:
+            failures.append(str(exc)[:60])
+    for sock in sent:
+        try:
+            socks.append(read_handshake(sock))
         except (OSError, ConnectionError) as exc:
             failures.append(str(exc)[:60])
 
