@@ -765,7 +765,7 @@ async def attack_subscriptions(ctx: Context) -> list[Result]:
         rss0 = server.rss()
         t0 = time.perf_counter()
         await huge.send(subscribe)
-        ack = await asyncio.wait_for(huge.recv(), 120)
+        ack = await asyncio.wait_for(huge.recv(decode=True), 120)
         ack_s = time.perf_counter() - t0
         ack_kind = kinds([ack])[0]
         code = json.loads(ack)["data"].get("code") if ack_kind == "error" else None
