@@ -694,6 +694,17 @@ def _lone_surrogate(value: Any) -> str | None:
     return None
 
 
+#: Parses client frames; NaN and Infinity raise ProtocolError (built once: json.loads with
+#: parse_constant= would build a decoder per call).
+_STRICT_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
+def _brackets(frame: str | bytes) -> int:
+    if isinstance(frame, str):
+        return frame.count("{") + frame.count("[")
+    return frame.count(b"{") + frame.count(b"[")
+
+
 def _lenient_request_id(frame: str | bytes) -> RequestId | None:
     """The ``id`` of a frame that is JSON but for NaN or Infinity, if it has a valid one."""
     try:
@@ -725,7 +736,7 @@ def parse_client_message(
                 "invalid_message", "message holds a lone UTF-16 surrogate: not valid Unicode text"
             ) from None
     try:
-        message = json.loads(frame, parse_constant=_refuse_constant)
+        message = _STRICT_DECODER.decode(frame if isinstance(frame, str) else frame.decode())
     except ProtocolError as exc:  # NaN or Infinity: still answer with the request's id
         exc.request_id = _lenient_request_id(frame)
         raise
@@ -741,7 +752,9 @@ def parse_client_message(
     try:
         try:
             # The message wraps an event's data two levels deep: {"data": {"data": {...}}}.
-            check_depth(message, MAX_DEPTH + 2)
+            # Fewer brackets than levels allowed cannot nest too deep: walk only the others.
+            if _brackets(frame) > MAX_DEPTH + 2:
+                check_depth(message, MAX_DEPTH + 2)
         except ValueError:
             raise ProtocolError(
                 "invalid_message",

@@ -329,6 +329,7 @@ async def test_binary_and_oversized_frames_close_only_that_client(
         assert bad.close_code == close_code
         await bus.publish(Event(type="a.b"))
         assert (await recv_json(good))["type"] == "a.b"
+    await wait_for(lambda: server.get_stats()["close_codes"].get(str(close_code)) == 1, timeout(5))
 
 
 async def test_invalid_utf8_closes_1007(server: Server, bus: EventBus) -> None:

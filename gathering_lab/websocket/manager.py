@@ -451,9 +451,12 @@ class ConnectionManager:
                     self._write_messages(session, [batch[i].encoded() for i in indices])
 
     def _writable(self, session: Session, count: int) -> bool:
-        if session.closing or session.connection.protocol.state is not State.OPEN:
+        """True if the client is open and under its pending cap (else it is evicted)."""
+        connection = session.connection
+        if session.closing or connection.protocol.state is not State.OPEN:
             return False
-        if session.pending_bytes > self.max_pending_bytes:
+        pending = session.transport.get_write_buffer_size() + session.deferred_bytes
+        if pending > self.max_pending_bytes:
             self._evict(session, count)
             return False
         return True
@@ -462,7 +465,8 @@ class ConnectionManager:
         """Write prebuilt frames to a client; False if it is gone or was evicted."""
         if not self._writable(session, count):
             return False
-        if self._hold(session, blob, len(blob), count):
+        if session.deferred or session.connection.send_in_progress is not None:
+            self._hold(session, blob, len(blob), count)
             return True
         session.transport.write(blob)
         session.messages_sent += count
@@ -474,9 +478,10 @@ class ConnectionManager:
         count = len(payloads)
         if not self._writable(session, count):
             return False
-        if self._hold(session, payloads, sum(map(len, payloads)), count):
-            return True
         connection = session.connection
+        if session.deferred or connection.send_in_progress is not None:
+            self._hold(session, payloads, sum(map(len, payloads)), count)
+            return True
         try:
             for payload in payloads:
                 connection.protocol.send_text(payload)
@@ -488,20 +493,17 @@ class ConnectionManager:
         self.total_messages_sent += count
         return True
 
-    def _hold(self, session: Session, item: Any, size: int, count: int) -> bool:
-        """Hold frames while websockets sends a fragmented message; True if held.
+    def _hold(self, session: Session, item: Any, size: int, count: int) -> None:
+        """Hold frames while websockets sends a fragmented message.
 
         Frames written now would cut into that message, so they wait for it (and
         count towards the client's pending bytes meanwhile).
         """
         in_progress = session.connection.send_in_progress
-        if in_progress is None and not session.deferred:
-            return False
         if not session.deferred and in_progress is not None:
             in_progress.add_done_callback(lambda _: self._write_deferred(session))
         session.deferred.append((item, count))
         session.deferred_bytes += size
-        return True
 
     def _write_deferred(self, session: Session) -> None:
         in_progress = session.connection.send_in_progress

@@ -351,6 +351,8 @@ class _Handler:
         self.rates = rates if rates is not None else RateLimits(0)
         self.settings = Settings(auth=auth, max_patterns=max_patterns, rates=self.rates)
         self._policies: dict[Session, ClientPolicy] = {}
+        #: How clients' connections ended, by close code sent (or received).
+        self.close_codes: dict[str, int] = {}
 
     # HTTP
 
@@ -443,6 +445,7 @@ class _Handler:
         stats["max_message_size"] = self.max_message_size
         stats["max_patterns"] = self.max_patterns
         stats["protocol_errors"] = dict(self.counters.protocol_errors)
+        stats["close_codes"] = dict(self.close_codes)
         stats["bus"] = self.bus.get_stats()
         stats["server"] = f"gathering_lab/{__version__}"
         stats["auth"] = None if self.auth is None else self.auth.algorithm
@@ -533,6 +536,14 @@ class _Handler:
             self._policies.pop(session, None)
             self.manager.disconnect(session)
             logger.info("client %s disconnected", client_id)
+            self._count_close(connection)
+
+    def _count_close(self, connection: ServerConnection) -> None:
+        """Count how a client's connection ended, by close code (1009 too big, 4008 slow...)."""
+        state = connection.protocol
+        close = state.close_sent or state.close_rcvd
+        key = str(close.code) if close is not None else "abnormal"
+        self.close_codes[key] = self.close_codes.get(key, 0) + 1
 
     async def _first_frame(self, connection: ServerConnection) -> str | bytes:
         assert self.auth is not None
