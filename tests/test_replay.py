@@ -239,3 +239,71 @@ async def test_frames_wait_for_a_fragmented_message_in_progress(
         first, second = await recv_json(ws), await recv_json(ws)
         assert first["type"] == "note" and second["type"] == "during.fragments"
         assert not session.deferred
+
+
+def masked_text(payload: str) -> bytes:
+    """A client text frame (masked with a zero key, as RFC 6455 allows)."""
+    data = payload.encode()
+    size = len(data)
+    header = bytes([0x81, 0x80 | size]) if size < 126 else bytes([0x81, 0xFE]) + size.to_bytes(2)
+    return header + b"\x00\x00\x00\x00" + data
+
+
+class CountingTransport:
+    """Counts the writes to one client's transport (everything else passes through)."""
+
+    def __init__(self, transport: Any) -> None:
+        self._transport = transport
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.writes += 1
+        self._transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+async def test_a_burst_of_publishes_is_written_in_batches_with_replies_in_order(
+    server: Server, bus: EventBus, manager: ConnectionManager
+) -> None:
+    async with connect(f"{server.url}?client_id=watch") as watcher:
+        await recv_json(watcher)
+        (watch,) = manager.sessions
+        counting = CountingTransport(watch.transport)
+        watch.transport = counting
+        publisher = handshake(server.port, "client_id=pub", rcvbuf=1 << 20)
+        try:
+            burst = []
+            for i in range(200):
+                data = {"type": "load.test", "data": {"i": i}}
+                burst.append(masked_text(json.dumps({"type": "publish", "id": i, "data": data})))
+                if i == 100:
+                    burst.append(masked_text('{"type":"ping","id":"mid"}'))
+            publisher.sendall(b"".join(burst))
+            got = await recv_until(watcher, lambda m: m.get("seq") == 200, wait=timeout(10))
+            assert [m["data"]["i"] for m in got] == list(range(200))
+            # One write per batch, not one per event (nor one per reply to the publisher).
+            assert counting.writes <= 100, counting.writes
+            # The publisher got each event, then its ack, in order, with the pong in place.
+            stream = b""
+            publisher.settimeout(timeout(5))
+            while stream.count(b'"published"') < 200:
+                stream += publisher.recv(1 << 20)
+        finally:
+            publisher.close()
+    messages = []
+    rest = stream[stream.index(b"\r\n\r\n") + 4 :]
+    while rest:
+        size, start = rest[1] & 0x7F, 2
+        if size == 126:
+            size, start = int.from_bytes(rest[2:4]), 4
+        messages.append(json.loads(rest[start : start + size]))
+        rest = rest[start + size :]
+    kinds = [(m["type"], m.get("id", m.get("data", {}).get("i"))) for m in messages[1:]]
+    expected: list[tuple[str, Any]] = []
+    for i in range(200):
+        expected += [("load.test", i), ("published", i)]
+        if i == 100:
+            expected.append(("pong", "mid"))
+    assert kinds == expected

@@ -192,6 +192,9 @@ class ConnectionManager:
         self._candidates: dict[str, tuple[str, ...]] = {}
         self._pending: list[Event] = []
         self._pending_bytes = 0
+        # Replies (acks, pongs, errors) queued with the pending batch: the batch position
+        # each was sent at, and its JSON.
+        self._replies: dict[Session, list[tuple[int, bytes]]] = {}
         self._flush_handle: asyncio.Handle | None = None
         self._last_seq: dict[str | None, int] = {}
         self._attachments: set[str] = set()  # bus subscriptions that feed broadcast()
@@ -433,6 +436,7 @@ class ConnectionManager:
                     ):
                         picked.setdefault(key, []).append(index)
             chosen = picked  # type: ignore[assignment]
+        replies, self._replies = self._replies, {}
         for key, indices in chosen.items():
             members = self._groups.get(key)
             if not members or not indices:
@@ -445,10 +449,45 @@ class ConnectionManager:
                 blob = b"".join(frames[i] for i in indices)
             count = len(indices)
             for session in list(members):
-                if session.raw:
+                mine = replies.pop(session, None) if replies else None
+                if mine is not None:
+                    self._write_merged(session, batch, frames, indices, mine)
+                elif session.raw:
                     self._write(session, blob, count)
                 else:
                     self._write_messages(session, [batch[i].encoded() for i in indices])
+        for session, mine in replies.items():  # replies to clients no event was for
+            self._write_merged(session, batch, frames, (), mine)
+
+    def _write_merged(
+        self,
+        session: Session,
+        batch: list[Event],
+        frames: list[bytes],
+        indices: Sequence[int],
+        replies: list[tuple[int, bytes]],
+    ) -> None:
+        """Write a client's events of this batch with its replies where they were sent."""
+        payloads: list[bytes] = []
+        raw: list[bytes] = []
+        queue = iter(replies)
+        reply = next(queue, None)
+        for index in indices:
+            # A reply queued when `position` events were pending goes before event `position`.
+            while reply is not None and reply[0] <= index:
+                payloads.append(reply[1])
+                raw.append(text_frame(reply[1]))
+                reply = next(queue, None)
+            payloads.append(batch[index].encoded())
+            raw.append(frames[index])
+        while reply is not None:
+            payloads.append(reply[1])
+            raw.append(text_frame(reply[1]))
+            reply = next(queue, None)
+        if session.raw:
+            self._write(session, b"".join(raw), len(raw))
+        else:
+            self._write_messages(session, payloads)
 
     def _writable(self, session: Session, count: int) -> bool:
         """True if the client is open and under its pending cap (else it is evicted)."""
@@ -463,12 +502,17 @@ class ConnectionManager:
 
     def _write(self, session: Session, blob: bytes, count: int) -> bool:
         """Write prebuilt frames to a client; False if it is gone or was evicted."""
-        if not self._writable(session, count):
+        connection = session.connection
+        if session.closing or connection.protocol.state is not State.OPEN:
             return False
-        if session.deferred or session.connection.send_in_progress is not None:
+        transport = session.transport
+        if transport.get_write_buffer_size() + session.deferred_bytes > self.max_pending_bytes:
+            self._evict(session, count)
+            return False
+        if session.deferred or connection.send_in_progress is not None:
             self._hold(session, blob, len(blob), count)
             return True
-        session.transport.write(blob)
+        transport.write(blob)
         session.messages_sent += count
         self.total_messages_sent += count
         return True
@@ -522,8 +566,14 @@ class ConnectionManager:
 
         Returns False if the client is gone or was closed as a slow consumer.
         """
-        self.flush()
         payload = protocol.encode(message)
+        if self._pending and session.live:
+            # Events wait for the next flush: the reply goes out with them, after those
+            # queued before it, so a burst of requests costs one write per client.
+            self._replies.setdefault(session, []).append((len(self._pending), payload))
+            self._pending_bytes += len(payload)
+            return not session.closing
+        self.flush()
         if session.raw:
             return self._write(session, text_frame(payload), 1)
         return self._write_messages(session, [payload])
