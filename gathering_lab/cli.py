@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import Any
 from . import __version__, protocol
 from .connection import DEFAULT_URL, TOKEN_ENV, error_text, query_param
 from .demo import DemoResult, run_demo, ws_url
-from .exceptions import GatheringLabError, ProtocolError
+from .exceptions import GatheringLabError, PortInUseError, ProtocolError
 from .listen import format_event, listen_messages
 
 __all__ = ["main"]
@@ -605,25 +606,28 @@ async def _serve(args: argparse.Namespace) -> int:
     auth = _auth_from_args(args)
     event_bus.configure(history_size=args.history, history_bytes=args.history_bytes)
     _raise_descriptor_limit(args.max_connections)
-    server = await serve(
-        args.host,
-        args.port,
-        bus=event_bus,
-        max_patterns=args.max_patterns,
-        allowed_origins=args.allowed_origin,
-        auth=auth,
-        max_message_size=args.max_message_size,
-        max_pending_bytes=args.max_pending,
-        compression=None if args.compression == "off" else args.compression,
-        ssl=ssl_context,
-        max_connections=args.max_connections,
-        max_connections_per_ip=args.max_connections_per_ip or None,
-        open_timeout=args.open_timeout,
-        publish_rate=args.publish_rate,
-        publish_burst=args.publish_burst,
-        message_rate=args.message_rate,
-        message_burst=args.message_burst,
-    )
+    try:
+        server = await serve(
+            args.host,
+            args.port,
+            bus=event_bus,
+            max_patterns=args.max_patterns,
+            allowed_origins=args.allowed_origin,
+            auth=auth,
+            max_message_size=args.max_message_size,
+            max_pending_bytes=args.max_pending,
+            compression=None if args.compression == "off" else args.compression,
+            ssl=ssl_context,
+            max_connections=args.max_connections,
+            max_connections_per_ip=args.max_connections_per_ip or None,
+            open_timeout=args.open_timeout,
+            publish_rate=args.publish_rate,
+            publish_burst=args.publish_burst,
+            message_rate=args.message_rate,
+            message_burst=args.message_burst,
+        )
+    except (OSError, ValueError) as exc:  # PortInUseError is an OSError
+        raise SystemExit(f"gathering-lab serve: error: {_bind_error(args, exc)}") from None
     # Everything loaded so far lives as long as the process: keep it out of the
     # cyclic GC's way, so a full collection stays short (tail latency).
     gc.freeze()
@@ -643,6 +647,39 @@ async def _serve(args: argparse.Namespace) -> int:
     server.close()
     await server.wait_closed()
     return 0
+
+
+def _bind_error(args: argparse.Namespace, exc: BaseException) -> str:
+    """One line, in terms of the command's flags, for a server that could not bind."""
+    host, port = args.host, args.port
+    if isinstance(exc, PortInUseError):
+        return (
+            f"port {port} on {host} is already in use; pick another "
+            f"(e.g. --port {port + 1}) or --port 0 for a free one"
+        )
+    if isinstance(exc, UnicodeError) or str(exc).startswith("cannot resolve host"):
+        reason = (
+            str(exc).split(": ", 1)[-1]
+            if not isinstance(exc, UnicodeError)
+            else "not a valid host name"
+        )
+        return (
+            f"cannot resolve --host {host!r}: {reason}; use an address of this machine, "
+            "e.g. --host 127.0.0.1 (loopback) or --host 0.0.0.0 (every interface)"
+        )
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRNOTAVAIL:
+        return (
+            f"cannot bind --host {host}: not an address of this machine; use one of its "
+            "addresses, --host 127.0.0.1 (loopback) or --host 0.0.0.0 (every interface)"
+        )
+    if isinstance(exc, OSError) and exc.errno == errno.EACCES:
+        return (
+            f"cannot bind {host}:{port}: permission denied (ports below 1024 need privileges; "
+            "try --port 8000)"
+        )
+    if isinstance(exc, OSError):
+        return f"cannot bind {host}:{port}: {exc.strerror or exc}"
+    return str(exc)
 
 
 def _limits_line(stats: dict[str, Any]) -> str:

@@ -340,9 +340,30 @@ async def test_serve_on_a_busy_port_fails_naming_it() -> None:
         busy.listen()
         port = busy.getsockname()[1]
         proc = await run("serve", "--port", str(port))
-    assert proc.process.returncode != 0
-    assert f"port {port}" in proc.stderr and "in use" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert proc.process.returncode == 1
+    assert proc.stderr.strip() == (
+        f"gathering-lab serve: error: port {port} on 127.0.0.1 is already in use; "
+        f"pick another (e.g. --port {port + 1}) or --port 0 for a free one"
+    )
+
+
+@pytest.mark.parametrize(
+    ("host", "says"),
+    [
+        # An idna-invalid name (a 64-character label) fails before any DNS query is sent.
+        ("a" * 64 + ".invalid", "cannot resolve --host 'aaa"),
+        ("a..b", "cannot resolve --host 'a..b'"),
+        ("192.0.2.1", "cannot bind --host 192.0.2.1: not an address of this machine"),  # TEST-NET-1
+    ],
+    ids=["long-label", "empty-label", "foreign"],
+)
+async def test_serve_on_a_bad_host_is_one_line(host: str, says: str) -> None:
+    proc = await run("serve", "--host", host, "--port", "0")
+    assert proc.process.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"gathering-lab serve: error: {says}"), lines
+    assert "--host 127.0.0.1" in lines[0]
 
 
 async def test_demo_and_listen_with_tokens() -> None:
