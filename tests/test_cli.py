@@ -366,6 +366,16 @@ async def test_serve_on_a_bad_host_is_one_line(host: str, says: str) -> None:
     assert "--host 127.0.0.1" in lines[0]
 
 
+async def test_serve_logs_how_to_accept_a_refused_origin(served: Served) -> None:
+    async with connect(served.url, origin="http://evil.example") as ws:  # type: ignore[arg-type]
+        with contextlib.suppress(Exception):
+            await ws.recv()
+    assert ws.close_code == 1008 and ws.close_reason == "Unauthorized origin"
+    line = await served.proc.wait_line("err", r"refused a client from .*Unauthorized origin")
+    assert "'http://evil.example'" in line.string
+    assert "--allowed-origin" in line.string
+
+
 async def test_demo_and_listen_with_tokens() -> None:
     secret = {"GATHERING_LAB_JWT_SECRET": "s" * 32}
     async with cli("serve", "--port", "0", "--auth-timeout", "0.5", env=secret) as serve:
