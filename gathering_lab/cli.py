@@ -293,10 +293,32 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid seed {text!r}: expected an integer") from None
 
 
-def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+_URL_HELP = f"the server's WebSocket URL (default: {DEFAULT_URL})"
+
+
+def _add_url_arguments(parser: argparse.ArgumentParser) -> None:
+    """``demo`` and ``listen`` take the URL the same way: ``URL`` or ``--url URL``."""
     parser.add_argument(
-        "--url", type=ws_url, default=DEFAULT_URL, help=f"server WebSocket URL ({DEFAULT_URL})"
+        "url_positional", nargs="?", type=ws_url, default=None, metavar="URL", help=_URL_HELP
     )
+    parser.add_argument(
+        "--url", type=ws_url, default=None, metavar="URL", help="the same, as an option"
+    )
+    parser.set_defaults(url_parser=parser)
+
+
+def _resolve_url(args: argparse.Namespace) -> None:
+    """Set ``args.url`` from ``URL`` or ``--url`` (default if neither); exit 2 if they differ."""
+    given = [url for url in (args.url_positional, args.url) if url is not None]
+    if len(set(given)) > 1:
+        args.url_parser.error(
+            f"argument --url: two different URLs given: {given[0]} and {given[1]}"
+        )
+    args.url = given[0] if given else DEFAULT_URL
+
+
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_url_arguments(parser)
     parser.add_argument(
         "--rate", type=_rate, default=5.0, help="events per second (default 5; 0 = no limit)"
     )
@@ -405,9 +427,7 @@ def _pattern(text: str) -> str:
 
 
 def _add_listen_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "url", nargs="?", type=ws_url, default=DEFAULT_URL, help=f"server URL ({DEFAULT_URL})"
-    )
+    _add_url_arguments(parser)
     parser.add_argument(
         "--type",
         dest="types",
@@ -762,6 +782,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.log_level != "debug":
         # websockets logs every connection and HTTP response at INFO: too chatty.
         logging.getLogger("gathering_lab.websocket.connection").setLevel(logging.WARNING)
+    if args.command in ("demo", "listen"):
+        _resolve_url(args)
     try:
         if args.command == "serve":
             return asyncio.run(_serve(args))

@@ -186,6 +186,21 @@ async def test_demo_to_listen_through_serve(served: Served) -> None:
     assert all(len(line) <= 200 for line in lines)
 
 
+async def test_demo_and_listen_take_the_url_the_same_way(served: Served) -> None:
+    async with cli("listen", "--url", served.url, "--count", "3") as listen:
+        await listen.wait_line("err", "^listen: connected to ")
+        demo = await run("demo", served.url, "--count", "3", "--rate", "0")
+        assert demo.process.returncode == 0, demo.stderr
+        assert await listen.finish() == 0, listen.stderr
+    assert len(listen.stdout.splitlines()) == 3
+    helps = await asyncio.gather(run("demo", "--help"), run("listen", "--help"))
+    url_help = [re.findall(r"^  (URL|--url URL) +(.*)$", p.stdout, re.MULTILINE) for p in helps]
+    assert url_help[0] == url_help[1] and len(url_help[0]) == 2, url_help
+    both = await run("listen", served.url, "--url", served.url.replace("127.0.0.1", "localhost"))
+    assert both.process.returncode == 2
+    assert "gathering-lab listen: error: argument --url: two different URLs" in both.stderr
+
+
 async def test_listen_type_filter(served: Served) -> None:
     wanted = sum(p["type"].startswith("task.") for p in demo_messages(30))
     assert wanted >= 5
