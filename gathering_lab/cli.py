@@ -350,11 +350,19 @@ def _progress_line(result: DemoResult) -> str:
     )
 
 
+def _refusal_line(result: DemoResult) -> str:
+    return (
+        f"demo: the server refused {result.errors} of {result.sent} publishes "
+        f"(last: {result.last_error})"
+    )
+
+
 async def _demo(args: argparse.Namespace) -> int:
     """Run ``gathering-lab demo``: publish until ``--count`` or Ctrl+C, progress on stderr.
 
     Exit status: 0 when every publish was acknowledged, 1 when the server refused
-    or did not answer some (connection failures raise ConnectionFailed).
+    or did not answer some (connection failures raise ConnectionFailed). The first
+    ``forbidden`` reply stops it: no later publish could succeed.
     """
     err = sys.stderr
     tty = err.isatty()
@@ -399,20 +407,26 @@ async def _demo(args: argparse.Namespace) -> int:
         )
     except asyncio.CancelledError:  # Ctrl+C: say where we stopped, then let cli exit 130
         end_line()
-        if state["result"] is not None:
-            print(_progress_line(state["result"]), file=err, flush=True)
+        stopped: DemoResult | None = state["result"]
+        if stopped is None:
+            print("demo: stopped by Ctrl+C before connecting", file=err, flush=True)
+        else:
+            print(f"{_progress_line(stopped)}; stopped by Ctrl+C", file=err, flush=True)
+            if stopped.errors:
+                print(_refusal_line(stopped), file=err, flush=True)
         raise
     except BaseException:
         end_line()
         raise
     end_line()
-    if result.errors:
+    if result.stopped_by is not None:
         print(
-            f"demo: the server refused {result.errors} of {result.sent} publishes "
-            f"(last: {result.last_error})",
+            f"demo: stopped: the server refused to publish: {result.stopped_by}",
             file=err,
             flush=True,
         )
+    elif result.errors:
+        print(_refusal_line(result), file=err, flush=True)
     if result.unanswered:
         print(f"demo: {result.unanswered} publishes were not answered", file=err, flush=True)
     return 1 if result.errors or result.unanswered else 0

@@ -309,8 +309,28 @@ async def test_ctrl_c_stops_demo_and_listen_with_130(served: Served) -> None:
         assert await demo.finish() == 130, demo.stderr
         assert await listen.finish() == 130, listen.stderr
     assert "Traceback" not in demo.stderr + listen.stderr
-    assert re.search(r"demo: \d+ sent, \d+ acked", demo.stderr)
+    assert re.search(
+        r"^demo: \d+ sent, \d+ acked, 0 errors, [\d.]+ ev/s; stopped by Ctrl\+C$",
+        demo.stderr,
+        re.MULTILINE,
+    ), demo.stderr
     assert "listen: stopped after" in listen.stderr
+
+
+async def test_ctrl_c_on_demo_prints_the_server_refusals() -> None:
+    args = ("serve", "--port", "0", "--publish-rate", "1", "--publish-burst", "1")
+    async with cli(*args) as serve:
+        url = (await serve.wait_line("out", URL_LINE.pattern)).group(1)
+        async with cli("demo", "--url", url, "--rate", "50") as demo:
+            await demo.wait_line("err", r"demo: \d+ sent, \d+ acked, [1-9]\d* errors")
+            demo.process.send_signal(signal.SIGINT)
+            assert await demo.finish() == 130, demo.stderr
+    last = demo.stderr.splitlines()[-2:]
+    assert last[0].endswith("; stopped by Ctrl+C"), last
+    assert re.match(
+        r"^demo: the server refused \d+ of \d+ publishes \(last: rate_limited: ", last[1]
+    ), last
+    assert "Traceback" not in demo.stderr
 
 
 # serve: startup and shutdown
@@ -420,11 +440,15 @@ async def test_demo_and_listen_with_tokens() -> None:
         assert bot not in demo.stderr + listen.stderr + serve.stdout + serve.stderr
 
         refused, anonymous = await asyncio.gather(
-            run("demo", "--url", url, "--count", "2", "--rate", "0", "--token", watcher),
+            run("demo", "--url", url, "--rate", "0", "--token", watcher),  # no --count
             run("listen", url),
         )
     assert refused.process.returncode == 1
-    assert "refused 2 of 2 publishes (last: forbidden" in refused.stderr
+    assert "demo: 1 sent, 0 acked, 1 errors" in refused.stderr  # stopped at the first refusal
+    assert refused.stderr.splitlines()[-1] == (
+        "demo: stopped: the server refused to publish: forbidden: publish needs the "
+        "'publish' role; this token has: subscribe"
+    )
     assert anonymous.process.returncode == 1
     assert "code 1008" in anonymous.stderr and "--token or $GATHERING_LAB_TOKEN" in anonymous.stderr
 
