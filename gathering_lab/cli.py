@@ -464,6 +464,29 @@ def _add_listen_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--count", type=_positive_int, default=None, help="exit after N events (default: Ctrl+C)"
     )
+    parser.add_argument(
+        "--no-reconnect",
+        dest="reconnect",
+        action="store_false",
+        help="exit when the connection drops (default: reconnect with backoff and resume "
+        "after the last seq received, reporting server restarts and gaps)",
+    )
+
+
+def _reconnect_line(kind: str, data: dict[str, Any]) -> str:
+    """The status line for what :func:`listen_messages` reports about reconnecting."""
+    if kind == "reconnecting":
+        return f"{data['reason']}; reconnecting in {data['delay']:g}s (attempt {data['attempt']})"
+    if kind == "restarted":
+        return (
+            f"the server restarted (epoch {data['old_epoch']} -> {data['new_epoch']}): events "
+            f"its previous run published after seq {data['last_seq']}, if any, were not "
+            "received; showing its new run from the start"
+        )
+    return (
+        f"gap: events after seq {data.get('since_seq')} are no longer in the server's "
+        "history (serve --history): some are missing here"
+    )
 
 
 def _width() -> int:
@@ -484,12 +507,22 @@ async def _listen(args: argparse.Namespace) -> int:
         client_id = f"listen-{os.getpid()}"  # with a token, the server names us after its sub
     width = _width()
     seen = 0
-    feed = listen_messages(args.url, filters=filters, client_id=client_id, token=token)
+    sessions = 0
+    feed = listen_messages(
+        args.url, filters=filters, client_id=client_id, token=token, reconnect=args.reconnect
+    )
+
+    def status(text: str) -> None:
+        print(f"listen: {text}", file=err, flush=True)
+
     try:
         async with contextlib.aclosing(feed):
             async for kind, message in feed:
                 if kind == "error":
-                    print(f"listen: server error: {error_text(message)}", file=err, flush=True)
+                    status(f"server error: {error_text(message)}")
+                    continue
+                if kind in ("reconnecting", "restarted", "gap"):
+                    status(_reconnect_line(kind, message))
                     continue
                 if args.json:
                     print(protocol.encode(message).decode(), file=out, flush=True)
@@ -502,11 +535,12 @@ async def _listen(args: argparse.Namespace) -> int:
                 elif kind == "connected":
                     data = message.get("data") or {}
                     server = data.get("server", "server")
-                    print(
-                        f"listen: connected to {args.url} as {data.get('client_id')} ({server})",
-                        file=err,
-                        flush=True,
-                    )
+                    again = "re" if sessions else ""
+                    sessions += 1
+                    status(f"{again}connected to {args.url} as {data.get('client_id')} ({server})")
+                elif kind == "resumed":
+                    data = message.get("data") or {}
+                    status(f"resumed: {data.get('count')} missed events replayed")
                 elif kind == "subscribed":
                     logger.info("the server filters for us: %s", message.get("data"))
                 elif kind == "subscribe_refused":

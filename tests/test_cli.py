@@ -27,10 +27,10 @@ from websockets.asyncio.server import serve as ws_serve
 from gathering_lab import protocol
 from gathering_lab.cli import main
 from gathering_lab.demo import demo_messages, run_demo
-from gathering_lab.events import Event
+from gathering_lab.events import Event, EventBus
 from gathering_lab.exceptions import ConnectionFailed
 from gathering_lab.listen import event_matches, format_event, listen_messages
-from gathering_lab.testing import free_port, recv_json, timeout, wait_for
+from gathering_lab.testing import free_port, recv_json, running_server, timeout, wait_for
 from gathering_lab.websocket import Server
 
 URL_LINE = re.compile(r"^\s+WebSocket\s+(ws://127\.0\.0\.1:(\d+)/ws/dashboard)\s*$")
@@ -340,7 +340,7 @@ async def test_ctrl_c_on_demo_prints_the_server_refusals() -> None:
 async def test_serve_stops_cleanly_on_signal(served: Served, sig: signal.Signals) -> None:
     async with (
         connect(f"{served.url}?client_id=py") as ws,
-        cli("listen", served.url) as listen,
+        cli("listen", served.url, "--no-reconnect") as listen,
         cli("demo", "--url", served.url, "--rate", "50") as demo,
     ):
         assert (await recv_json(ws))["type"] == "connection.established"
@@ -367,6 +367,105 @@ async def test_serve_stops_cleanly_on_signal(served: Served, sig: signal.Signals
         assert re.search(
             r"error: the server closed the connection to ws://\S+: code 1001", proc.stderr
         )
+
+
+async def test_listen_reconnects_and_reports_a_server_restart() -> None:
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}/ws/dashboard"
+    async with cli("serve", "--port", str(port)) as first:
+        await first.wait_line("out", URL_LINE.pattern)
+        async with cli("listen", url, "--count", "8") as listen:
+            await listen.wait_line("err", "^listen: connected to ")
+            demo = await run("demo", url, "--count", "5", "--rate", "0")
+            assert demo.process.returncode == 0, demo.stderr
+            await wait_for(lambda: len(listen.out) == 5)
+            first.process.send_signal(signal.SIGTERM)
+            assert await first.finish() == 0, first.stderr
+            await listen.wait_line("err", r"code 1001 .*; reconnecting in 1s \(attempt 1\)$")
+            async with cli("serve", "--port", str(port)) as second:
+                await second.wait_line("out", URL_LINE.pattern)
+                await listen.wait_line("err", f"^listen: reconnected to {re.escape(url)} as ", 20)
+                await listen.wait_line("err", r"^listen: the server restarted \(epoch \w+ -> \w+\)")
+                demo = await run("demo", url, "--count", "3", "--rate", "0")
+                assert demo.process.returncode == 0, demo.stderr
+                assert await listen.finish() == 0, listen.stderr
+    seqs = [int(m.group("seq")) for m in map(EVENT_LINE.match, listen.out) if m]
+    assert seqs == [1, 2, 3, 4, 5, 1, 2, 3], listen.stdout
+    assert "last_seq=" not in listen.stderr  # the resume query stays out of the messages
+    assert "Traceback" not in listen.stderr
+
+
+async def test_listen_resumes_and_reports_a_gap() -> None:
+    bus = EventBus(history_size=3)  # a server that keeps little history
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}/ws/dashboard"
+    async with cli("listen", url, "--count", "6") as listen:
+        async with running_server(bus=bus, port=port):
+            await listen.wait_line("err", "^listen: connected to ")
+            for n in range(2):
+                await bus.publish(Event(type="task.created", data={"n": n}))
+            await wait_for(lambda: len(listen.out) == 2)
+        await listen.wait_line("err", r"code 1001 .*; reconnecting in 1s \(attempt 1\)$")
+        for n in range(2, 8):  # published while the listener is away: 3 to 5 fall out
+            await bus.publish(Event(type="task.created", data={"n": n}))
+        async with running_server(bus=bus, port=port):
+            await listen.wait_line("err", "^listen: reconnected to ", 20)
+            await listen.wait_line("err", "^listen: resumed: 3 missed events replayed$")
+            await listen.wait_line("err", "^listen: gap: events after seq 2 are no longer in the")
+            await bus.publish(Event(type="task.created", data={"n": 8}))
+            assert await listen.finish() == 0, listen.stderr
+    seqs = [int(m.group("seq")) for m in map(EVENT_LINE.match, listen.out) if m]
+    assert seqs == [1, 2, 6, 7, 8, 9], listen.stdout
+    assert "restarted" not in listen.stderr
+
+
+async def _collect(feed: Any, into: list[tuple[str, dict[str, Any]]]) -> None:
+    async with contextlib.aclosing(feed):
+        async for item in feed:
+            into.append(item)
+
+
+@pytest.mark.parametrize("history", [100, 3], ids=["resume", "gap"])
+async def test_listen_messages_resumes_by_seq_across_a_reconnect(history: int) -> None:
+    bus = EventBus(history_size=history)
+    port = free_port()
+    got: list[tuple[str, dict[str, Any]]] = []
+
+    def events() -> list[int]:
+        return [m["seq"] for kind, m in got if kind == "event"]
+
+    collector: asyncio.Task[None] | None = None
+    try:
+        async with running_server(bus=bus, port=port) as server:
+            feed = listen_messages(server.url, reconnect=True, base_delay=0.05, max_delay=0.2)
+            collector = asyncio.create_task(_collect(feed, got))
+            await wait_for(lambda: [kind for kind, _ in got] == ["connected"])
+            for n in range(2):
+                await bus.publish(Event(type="task.created", data={"n": n}))
+            await wait_for(lambda: events() == [1, 2])
+        # The server closed (1001); the bus goes on while the listener is away.
+        await wait_for(lambda: any(kind == "reconnecting" for kind, _ in got))
+        for n in range(2, 8):
+            await bus.publish(Event(type="task.created", data={"n": n}))
+        async with running_server(bus=bus, port=port):
+            await wait_for(lambda: any(kind == "resumed" for kind, _ in got))
+            await bus.publish(Event(type="task.created", data={"n": 8}))
+            await wait_for(lambda: events()[-1:] == [9])
+    finally:
+        if collector is not None:
+            collector.cancel()
+            await asyncio.gather(collector, return_exceptions=True)
+    kinds = [kind for kind, _ in got]
+    assert kinds.count("connected") == 2 and "restarted" not in kinds
+    resumed = next(m["data"] for kind, m in got if kind == "resumed")
+    assert resumed["since_seq"] == 2
+    if history == 100:
+        assert events() == list(range(1, 10))  # every event once, in order
+        assert resumed["count"] == 6 and "gap" not in kinds
+    else:
+        assert events() == [1, 2, 6, 7, 8, 9]  # 3 to 5 fell out of a 3-event history
+        gap = next(m for kind, m in got if kind == "gap")
+        assert gap["gap"] is True and gap["since_seq"] == 2
 
 
 async def test_serve_on_a_busy_port_fails_naming_it() -> None:
