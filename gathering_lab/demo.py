@@ -276,14 +276,22 @@ async def run_demo(
             ticker = asyncio.create_task(tick(), name="demo-progress")
         try:
             pacer = _Pacer(rate)
+            probing = True
             for payload in demo_messages(count, seed=seed):
                 await pacer.wait()
-                deadline = time.monotonic() + reply_timeout
-                # The first publish is answered before more are sent: a refusal
-                # (no publish role) then stops the demo after one, even at rate 0.
-                limit = 1 if result.acked + result.errors == 0 else max_in_flight
+                # The first publish is answered before more are sent (for up to a
+                # second: a server that never answers is not waited on each time),
+                # so a refusal (no publish role) stops the demo after one, even at rate 0.
+                probing = probing and result.acked + result.errors == 0
+                limit = 1 if probing else max_in_flight
+                deadline = time.monotonic() + (
+                    min(reply_timeout, 1.0) if probing else reply_timeout
+                )
                 while result.unanswered >= limit and result.stopped_by is None:
                     if not await replies.wait(deadline):
+                        if probing:
+                            probing = False
+                            break
                         raise ConnectionFailed(
                             f"{url} left {result.unanswered} publish messages unanswered "
                             f"for {reply_timeout:g}s; does it accept 'publish'?"

@@ -17,6 +17,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +27,7 @@ from websockets.asyncio.server import serve as ws_serve
 
 from gathering_lab import protocol
 from gathering_lab.cli import main
+from gathering_lab.connection import get_json
 from gathering_lab.demo import demo_messages, run_demo
 from gathering_lab.events import Event, EventBus
 from gathering_lab.exceptions import ConnectionFailed
@@ -466,6 +468,18 @@ async def test_listen_messages_resumes_by_seq_across_a_reconnect(history: int) -
         assert events() == [1, 2, 6, 7, 8, 9]  # 3 to 5 fell out of a 3-event history
         gap = next(m for kind, m in got if kind == "gap")
         assert gap["gap"] is True and gap["since_seq"] == 2
+
+
+async def test_health_answers_what_the_readme_says(served: Served) -> None:
+    health = await asyncio.to_thread(
+        get_json, f"http://127.0.0.1:{served.port}/health", None, timeout(5)
+    )
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    documented = re.search(r"`GET /health` answers 200 with `(\{.*?\})`", readme, re.DOTALL)
+    assert documented, "README.md does not document GET /health"
+    keys = re.findall(r'"(\w+)":', documented.group(1))
+    assert keys == list(health), (keys, health)
+    assert health["status"] == "ok"
 
 
 async def test_serve_on_a_busy_port_fails_naming_it() -> None:
