@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -21,7 +22,7 @@ from typing import Any
 from . import __version__, protocol
 from .connection import DEFAULT_URL, TOKEN_ENV, error_text, query_param
 from .demo import DemoResult, run_demo, ws_url
-from .exceptions import GatheringLabError, ProtocolError
+from .exceptions import GatheringLabError, PortInUseError, ProtocolError
 from .listen import format_event, listen_messages
 
 __all__ = ["main"]
@@ -292,10 +293,32 @@ def _seed(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid seed {text!r}: expected an integer") from None
 
 
-def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+_URL_HELP = f"the server's WebSocket URL (default: {DEFAULT_URL})"
+
+
+def _add_url_arguments(parser: argparse.ArgumentParser) -> None:
+    """``demo`` and ``listen`` take the URL the same way: ``URL`` or ``--url URL``."""
     parser.add_argument(
-        "--url", type=ws_url, default=DEFAULT_URL, help=f"server WebSocket URL ({DEFAULT_URL})"
+        "url_positional", nargs="?", type=ws_url, default=None, metavar="URL", help=_URL_HELP
     )
+    parser.add_argument(
+        "--url", type=ws_url, default=None, metavar="URL", help="the same, as an option"
+    )
+    parser.set_defaults(url_parser=parser)
+
+
+def _resolve_url(args: argparse.Namespace) -> None:
+    """Set ``args.url`` from ``URL`` or ``--url`` (default if neither); exit 2 if they differ."""
+    given = [url for url in (args.url_positional, args.url) if url is not None]
+    if len(set(given)) > 1:
+        args.url_parser.error(
+            f"argument --url: two different URLs given: {given[0]} and {given[1]}"
+        )
+    args.url = given[0] if given else DEFAULT_URL
+
+
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_url_arguments(parser)
     parser.add_argument(
         "--rate", type=_rate, default=5.0, help="events per second (default 5; 0 = no limit)"
     )
@@ -327,11 +350,19 @@ def _progress_line(result: DemoResult) -> str:
     )
 
 
+def _refusal_line(result: DemoResult) -> str:
+    return (
+        f"demo: the server refused {result.errors} of {result.sent} publishes "
+        f"(last: {result.last_error})"
+    )
+
+
 async def _demo(args: argparse.Namespace) -> int:
     """Run ``gathering-lab demo``: publish until ``--count`` or Ctrl+C, progress on stderr.
 
     Exit status: 0 when every publish was acknowledged, 1 when the server refused
-    or did not answer some (connection failures raise ConnectionFailed).
+    or did not answer some (connection failures raise ConnectionFailed). The first
+    ``forbidden`` reply stops it: no later publish could succeed.
     """
     err = sys.stderr
     tty = err.isatty()
@@ -376,20 +407,26 @@ async def _demo(args: argparse.Namespace) -> int:
         )
     except asyncio.CancelledError:  # Ctrl+C: say where we stopped, then let cli exit 130
         end_line()
-        if state["result"] is not None:
-            print(_progress_line(state["result"]), file=err, flush=True)
+        stopped: DemoResult | None = state["result"]
+        if stopped is None:
+            print("demo: stopped by Ctrl+C before connecting", file=err, flush=True)
+        else:
+            print(f"{_progress_line(stopped)}; stopped by Ctrl+C", file=err, flush=True)
+            if stopped.errors:
+                print(_refusal_line(stopped), file=err, flush=True)
         raise
     except BaseException:
         end_line()
         raise
     end_line()
-    if result.errors:
+    if result.stopped_by is not None:
         print(
-            f"demo: the server refused {result.errors} of {result.sent} publishes "
-            f"(last: {result.last_error})",
+            f"demo: stopped: the server refused to publish: {result.stopped_by}",
             file=err,
             flush=True,
         )
+    elif result.errors:
+        print(_refusal_line(result), file=err, flush=True)
     if result.unanswered:
         print(f"demo: {result.unanswered} publishes were not answered", file=err, flush=True)
     return 1 if result.errors or result.unanswered else 0
@@ -404,9 +441,7 @@ def _pattern(text: str) -> str:
 
 
 def _add_listen_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "url", nargs="?", type=ws_url, default=DEFAULT_URL, help=f"server URL ({DEFAULT_URL})"
-    )
+    _add_url_arguments(parser)
     parser.add_argument(
         "--type",
         dest="types",
@@ -429,6 +464,29 @@ def _add_listen_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--count", type=_positive_int, default=None, help="exit after N events (default: Ctrl+C)"
     )
+    parser.add_argument(
+        "--no-reconnect",
+        dest="reconnect",
+        action="store_false",
+        help="exit when the connection drops (default: reconnect with backoff and resume "
+        "after the last seq received, reporting server restarts and gaps)",
+    )
+
+
+def _reconnect_line(kind: str, data: dict[str, Any]) -> str:
+    """The status line for what :func:`listen_messages` reports about reconnecting."""
+    if kind == "reconnecting":
+        return f"{data['reason']}; reconnecting in {data['delay']:g}s (attempt {data['attempt']})"
+    if kind == "restarted":
+        return (
+            f"the server restarted (epoch {data['old_epoch']} -> {data['new_epoch']}): events "
+            f"its previous run published after seq {data['last_seq']}, if any, were not "
+            "received; showing its new run from the start"
+        )
+    return (
+        f"gap: events after seq {data.get('since_seq')} are no longer in the server's "
+        "history (serve --history): some are missing here"
+    )
 
 
 def _width() -> int:
@@ -449,12 +507,22 @@ async def _listen(args: argparse.Namespace) -> int:
         client_id = f"listen-{os.getpid()}"  # with a token, the server names us after its sub
     width = _width()
     seen = 0
-    feed = listen_messages(args.url, filters=filters, client_id=client_id, token=token)
+    sessions = 0
+    feed = listen_messages(
+        args.url, filters=filters, client_id=client_id, token=token, reconnect=args.reconnect
+    )
+
+    def status(text: str) -> None:
+        print(f"listen: {text}", file=err, flush=True)
+
     try:
         async with contextlib.aclosing(feed):
             async for kind, message in feed:
                 if kind == "error":
-                    print(f"listen: server error: {error_text(message)}", file=err, flush=True)
+                    status(f"server error: {error_text(message)}")
+                    continue
+                if kind in ("reconnecting", "restarted", "gap"):
+                    status(_reconnect_line(kind, message))
                     continue
                 if args.json:
                     print(protocol.encode(message).decode(), file=out, flush=True)
@@ -467,11 +535,12 @@ async def _listen(args: argparse.Namespace) -> int:
                 elif kind == "connected":
                     data = message.get("data") or {}
                     server = data.get("server", "server")
-                    print(
-                        f"listen: connected to {args.url} as {data.get('client_id')} ({server})",
-                        file=err,
-                        flush=True,
-                    )
+                    again = "re" if sessions else ""
+                    sessions += 1
+                    status(f"{again}connected to {args.url} as {data.get('client_id')} ({server})")
+                elif kind == "resumed":
+                    data = message.get("data") or {}
+                    status(f"resumed: {data.get('count')} missed events replayed")
                 elif kind == "subscribed":
                     logger.info("the server filters for us: %s", message.get("data"))
                 elif kind == "subscribe_refused":
@@ -605,25 +674,28 @@ async def _serve(args: argparse.Namespace) -> int:
     auth = _auth_from_args(args)
     event_bus.configure(history_size=args.history, history_bytes=args.history_bytes)
     _raise_descriptor_limit(args.max_connections)
-    server = await serve(
-        args.host,
-        args.port,
-        bus=event_bus,
-        max_patterns=args.max_patterns,
-        allowed_origins=args.allowed_origin,
-        auth=auth,
-        max_message_size=args.max_message_size,
-        max_pending_bytes=args.max_pending,
-        compression=None if args.compression == "off" else args.compression,
-        ssl=ssl_context,
-        max_connections=args.max_connections,
-        max_connections_per_ip=args.max_connections_per_ip or None,
-        open_timeout=args.open_timeout,
-        publish_rate=args.publish_rate,
-        publish_burst=args.publish_burst,
-        message_rate=args.message_rate,
-        message_burst=args.message_burst,
-    )
+    try:
+        server = await serve(
+            args.host,
+            args.port,
+            bus=event_bus,
+            max_patterns=args.max_patterns,
+            allowed_origins=args.allowed_origin,
+            auth=auth,
+            max_message_size=args.max_message_size,
+            max_pending_bytes=args.max_pending,
+            compression=None if args.compression == "off" else args.compression,
+            ssl=ssl_context,
+            max_connections=args.max_connections,
+            max_connections_per_ip=args.max_connections_per_ip or None,
+            open_timeout=args.open_timeout,
+            publish_rate=args.publish_rate,
+            publish_burst=args.publish_burst,
+            message_rate=args.message_rate,
+            message_burst=args.message_burst,
+        )
+    except (OSError, ValueError) as exc:  # PortInUseError is an OSError
+        raise SystemExit(f"gathering-lab serve: error: {_bind_error(args, exc)}") from None
     # Everything loaded so far lives as long as the process: keep it out of the
     # cyclic GC's way, so a full collection stays short (tail latency).
     gc.freeze()
@@ -643,6 +715,39 @@ async def _serve(args: argparse.Namespace) -> int:
     server.close()
     await server.wait_closed()
     return 0
+
+
+def _bind_error(args: argparse.Namespace, exc: BaseException) -> str:
+    """One line, in terms of the command's flags, for a server that could not bind."""
+    host, port = args.host, args.port
+    if isinstance(exc, PortInUseError):
+        return (
+            f"port {port} on {host} is already in use; pick another "
+            f"(e.g. --port {port + 1}) or --port 0 for a free one"
+        )
+    if isinstance(exc, UnicodeError) or str(exc).startswith("cannot resolve host"):
+        reason = (
+            str(exc).split(": ", 1)[-1]
+            if not isinstance(exc, UnicodeError)
+            else "not a valid host name"
+        )
+        return (
+            f"cannot resolve --host {host!r}: {reason}; use an address of this machine, "
+            "e.g. --host 127.0.0.1 (loopback) or --host 0.0.0.0 (every interface)"
+        )
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRNOTAVAIL:
+        return (
+            f"cannot bind --host {host}: not an address of this machine; use one of its "
+            "addresses, --host 127.0.0.1 (loopback) or --host 0.0.0.0 (every interface)"
+        )
+    if isinstance(exc, OSError) and exc.errno == errno.EACCES:
+        return (
+            f"cannot bind {host}:{port}: permission denied (ports below 1024 need privileges; "
+            "try --port 8000)"
+        )
+    if isinstance(exc, OSError):
+        return f"cannot bind {host}:{port}: {exc.strerror or exc}"
+    return str(exc)
 
 
 def _limits_line(stats: dict[str, Any]) -> str:
@@ -725,6 +830,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.log_level != "debug":
         # websockets logs every connection and HTTP response at INFO: too chatty.
         logging.getLogger("gathering_lab.websocket.connection").setLevel(logging.WARNING)
+    if args.command in ("demo", "listen"):
+        _resolve_url(args)
     try:
         if args.command == "serve":
             return asyncio.run(_serve(args))

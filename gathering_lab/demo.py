@@ -23,7 +23,7 @@ import argparse
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,6 +127,8 @@ class DemoResult:
     greeting: dict[str, Any] = field(default_factory=dict)
     #: The message of the most recent ``error`` reply, if any.
     last_error: str | None = None
+    #: The ``error`` reply (``code: message``) that made :func:`run_demo` stop early, if any.
+    stopped_by: str | None = None
 
     @property
     def rate(self) -> float:
@@ -147,9 +149,12 @@ def publish_message(payload: Payload) -> bytes:
 class _Replies:
     """Reads what the server sends a publisher: counts acks and errors, ignores the echoes."""
 
-    def __init__(self, ws: ClientConnection, result: DemoResult) -> None:
+    def __init__(
+        self, ws: ClientConnection, result: DemoResult, stop_on: Collection[str] = ()
+    ) -> None:
         self.ws = ws
         self.result = result
+        self.stop_on = frozenset(stop_on)
         self.changed = asyncio.Event()
         self.closed: ConnectionClosed | None = None
 
@@ -171,6 +176,8 @@ class _Replies:
                 str(data[key]) for key in ("code", "message") if data.get(key) is not None
             )
             logger.debug("server refused a publish: %s", self.result.last_error)
+            if data.get("code") in self.stop_on and self.result.stopped_by is None:
+                self.result.stopped_by = self.result.last_error
         else:
             return  # our own events coming back, pongs, ...
         self.changed.set()
@@ -211,6 +218,7 @@ async def run_demo(
     progress_interval: float = 1.0,
     max_in_flight: int = 256,
     reply_timeout: float = 10.0,
+    stop_on: Collection[str] = ("forbidden",),
 ) -> DemoResult:
     """Publish demo traffic to a GatheRing server over WebSocket and return the counts.
 
@@ -224,7 +232,10 @@ async def run_demo(
 
     Raises :class:`~gathering_lab.exceptions.ConnectionFailed` if the server
     cannot be reached, is not a WebSocket server, closes the connection, or
-    leaves publishes unanswered for ``reply_timeout`` seconds.
+    leaves publishes unanswered for ``reply_timeout`` seconds. An ``error`` reply
+    whose code is in ``stop_on`` (by default ``forbidden``: this client may not
+    publish, so no later publish can succeed) stops it early: no more publishes are
+    sent, and :attr:`DemoResult.stopped_by` says why.
     """
     _check_rate_count(rate, count)
     if max_in_flight < 1:
@@ -246,7 +257,7 @@ async def run_demo(
         result.greeting = dict(greeting.get("data") or {})
         logger.info("connected to %s as %s", url, result.greeting.get("client_id"))
         started = time.monotonic()
-        replies = _Replies(ws, result)
+        replies = _Replies(ws, result, stop_on)
         reader = asyncio.create_task(replies.run(), name="demo-replies")
         ticker: asyncio.Task[None] | None = None
 
@@ -265,15 +276,29 @@ async def run_demo(
             ticker = asyncio.create_task(tick(), name="demo-progress")
         try:
             pacer = _Pacer(rate)
+            probing = True
             for payload in demo_messages(count, seed=seed):
                 await pacer.wait()
-                deadline = time.monotonic() + reply_timeout
-                while result.unanswered >= max_in_flight:
+                # The first publish is answered before more are sent (for up to a
+                # second: a server that never answers is not waited on each time),
+                # so a refusal (no publish role) stops the demo after one, even at rate 0.
+                probing = probing and result.acked + result.errors == 0
+                limit = 1 if probing else max_in_flight
+                deadline = time.monotonic() + (
+                    min(reply_timeout, 1.0) if probing else reply_timeout
+                )
+                while result.unanswered >= limit and result.stopped_by is None:
                     if not await replies.wait(deadline):
+                        if probing:
+                            probing = False
+                            break
                         raise ConnectionFailed(
                             f"{url} left {result.unanswered} publish messages unanswered "
                             f"for {reply_timeout:g}s; does it accept 'publish'?"
                         )
+                if result.stopped_by is not None:
+                    logger.info("stopped: the server refused a publish: %s", result.stopped_by)
+                    break
                 if replies.closed is not None:
                     raise replies.closed
                 await ws.send(publish_message(payload), text=True)

@@ -17,6 +17,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,11 +27,12 @@ from websockets.asyncio.server import serve as ws_serve
 
 from gathering_lab import protocol
 from gathering_lab.cli import main
+from gathering_lab.connection import get_json
 from gathering_lab.demo import demo_messages, run_demo
-from gathering_lab.events import Event
+from gathering_lab.events import Event, EventBus
 from gathering_lab.exceptions import ConnectionFailed
 from gathering_lab.listen import event_matches, format_event, listen_messages
-from gathering_lab.testing import free_port, recv_json, timeout, wait_for
+from gathering_lab.testing import free_port, recv_json, running_server, timeout, wait_for
 from gathering_lab.websocket import Server
 
 URL_LINE = re.compile(r"^\s+WebSocket\s+(ws://127\.0\.0\.1:(\d+)/ws/dashboard)\s*$")
@@ -186,6 +188,21 @@ async def test_demo_to_listen_through_serve(served: Served) -> None:
     assert all(len(line) <= 200 for line in lines)
 
 
+async def test_demo_and_listen_take_the_url_the_same_way(served: Served) -> None:
+    async with cli("listen", "--url", served.url, "--count", "3") as listen:
+        await listen.wait_line("err", "^listen: connected to ")
+        demo = await run("demo", served.url, "--count", "3", "--rate", "0")
+        assert demo.process.returncode == 0, demo.stderr
+        assert await listen.finish() == 0, listen.stderr
+    assert len(listen.stdout.splitlines()) == 3
+    helps = await asyncio.gather(run("demo", "--help"), run("listen", "--help"))
+    url_help = [re.findall(r"^  (URL|--url URL) +(.*)$", p.stdout, re.MULTILINE) for p in helps]
+    assert url_help[0] == url_help[1] and len(url_help[0]) == 2, url_help
+    both = await run("listen", served.url, "--url", served.url.replace("127.0.0.1", "localhost"))
+    assert both.process.returncode == 2
+    assert "gathering-lab listen: error: argument --url: two different URLs" in both.stderr
+
+
 async def test_listen_type_filter(served: Served) -> None:
     wanted = sum(p["type"].startswith("task.") for p in demo_messages(30))
     assert wanted >= 5
@@ -294,8 +311,28 @@ async def test_ctrl_c_stops_demo_and_listen_with_130(served: Served) -> None:
         assert await demo.finish() == 130, demo.stderr
         assert await listen.finish() == 130, listen.stderr
     assert "Traceback" not in demo.stderr + listen.stderr
-    assert re.search(r"demo: \d+ sent, \d+ acked", demo.stderr)
+    assert re.search(
+        r"^demo: \d+ sent, \d+ acked, 0 errors, [\d.]+ ev/s; stopped by Ctrl\+C$",
+        demo.stderr,
+        re.MULTILINE,
+    ), demo.stderr
     assert "listen: stopped after" in listen.stderr
+
+
+async def test_ctrl_c_on_demo_prints_the_server_refusals() -> None:
+    args = ("serve", "--port", "0", "--publish-rate", "1", "--publish-burst", "1")
+    async with cli(*args) as serve:
+        url = (await serve.wait_line("out", URL_LINE.pattern)).group(1)
+        async with cli("demo", "--url", url, "--rate", "50") as demo:
+            await demo.wait_line("err", r"demo: \d+ sent, \d+ acked, [1-9]\d* errors")
+            demo.process.send_signal(signal.SIGINT)
+            assert await demo.finish() == 130, demo.stderr
+    last = demo.stderr.splitlines()[-2:]
+    assert last[0].endswith("; stopped by Ctrl+C"), last
+    assert re.match(
+        r"^demo: the server refused \d+ of \d+ publishes \(last: rate_limited: ", last[1]
+    ), last
+    assert "Traceback" not in demo.stderr
 
 
 # serve: startup and shutdown
@@ -305,7 +342,7 @@ async def test_ctrl_c_stops_demo_and_listen_with_130(served: Served) -> None:
 async def test_serve_stops_cleanly_on_signal(served: Served, sig: signal.Signals) -> None:
     async with (
         connect(f"{served.url}?client_id=py") as ws,
-        cli("listen", served.url) as listen,
+        cli("listen", served.url, "--no-reconnect") as listen,
         cli("demo", "--url", served.url, "--rate", "50") as demo,
     ):
         assert (await recv_json(ws))["type"] == "connection.established"
@@ -334,15 +371,157 @@ async def test_serve_stops_cleanly_on_signal(served: Served, sig: signal.Signals
         )
 
 
+async def test_listen_reconnects_and_reports_a_server_restart() -> None:
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}/ws/dashboard"
+    async with cli("serve", "--port", str(port)) as first:
+        await first.wait_line("out", URL_LINE.pattern)
+        async with cli("listen", url, "--count", "8") as listen:
+            await listen.wait_line("err", "^listen: connected to ")
+            demo = await run("demo", url, "--count", "5", "--rate", "0")
+            assert demo.process.returncode == 0, demo.stderr
+            await wait_for(lambda: len(listen.out) == 5)
+            first.process.send_signal(signal.SIGTERM)
+            assert await first.finish() == 0, first.stderr
+            await listen.wait_line("err", r"code 1001 .*; reconnecting in 1s \(attempt 1\)$")
+            async with cli("serve", "--port", str(port)) as second:
+                await second.wait_line("out", URL_LINE.pattern)
+                await listen.wait_line("err", f"^listen: reconnected to {re.escape(url)} as ", 20)
+                await listen.wait_line("err", r"^listen: the server restarted \(epoch \w+ -> \w+\)")
+                demo = await run("demo", url, "--count", "3", "--rate", "0")
+                assert demo.process.returncode == 0, demo.stderr
+                assert await listen.finish() == 0, listen.stderr
+    seqs = [int(m.group("seq")) for m in map(EVENT_LINE.match, listen.out) if m]
+    assert seqs == [1, 2, 3, 4, 5, 1, 2, 3], listen.stdout
+    assert "last_seq=" not in listen.stderr  # the resume query stays out of the messages
+    assert "Traceback" not in listen.stderr
+
+
+async def test_listen_resumes_and_reports_a_gap() -> None:
+    bus = EventBus(history_size=3)  # a server that keeps little history
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}/ws/dashboard"
+    async with cli("listen", url, "--count", "6") as listen:
+        async with running_server(bus=bus, port=port):
+            await listen.wait_line("err", "^listen: connected to ")
+            for n in range(2):
+                await bus.publish(Event(type="task.created", data={"n": n}))
+            await wait_for(lambda: len(listen.out) == 2)
+        await listen.wait_line("err", r"code 1001 .*; reconnecting in 1s \(attempt 1\)$")
+        for n in range(2, 8):  # published while the listener is away: 3 to 5 fall out
+            await bus.publish(Event(type="task.created", data={"n": n}))
+        async with running_server(bus=bus, port=port):
+            await listen.wait_line("err", "^listen: reconnected to ", 20)
+            await listen.wait_line("err", "^listen: resumed: 3 missed events replayed$")
+            await listen.wait_line("err", "^listen: gap: events after seq 2 are no longer in the")
+            await bus.publish(Event(type="task.created", data={"n": 8}))
+            assert await listen.finish() == 0, listen.stderr
+    seqs = [int(m.group("seq")) for m in map(EVENT_LINE.match, listen.out) if m]
+    assert seqs == [1, 2, 6, 7, 8, 9], listen.stdout
+    assert "restarted" not in listen.stderr
+
+
+async def _collect(feed: Any, into: list[tuple[str, dict[str, Any]]]) -> None:
+    async with contextlib.aclosing(feed):
+        async for item in feed:
+            into.append(item)
+
+
+@pytest.mark.parametrize("history", [100, 3], ids=["resume", "gap"])
+async def test_listen_messages_resumes_by_seq_across_a_reconnect(history: int) -> None:
+    bus = EventBus(history_size=history)
+    port = free_port()
+    got: list[tuple[str, dict[str, Any]]] = []
+
+    def events() -> list[int]:
+        return [m["seq"] for kind, m in got if kind == "event"]
+
+    collector: asyncio.Task[None] | None = None
+    try:
+        async with running_server(bus=bus, port=port) as server:
+            feed = listen_messages(server.url, reconnect=True, base_delay=0.05, max_delay=0.2)
+            collector = asyncio.create_task(_collect(feed, got))
+            await wait_for(lambda: [kind for kind, _ in got] == ["connected"])
+            for n in range(2):
+                await bus.publish(Event(type="task.created", data={"n": n}))
+            await wait_for(lambda: events() == [1, 2])
+        # The server closed (1001); the bus goes on while the listener is away.
+        await wait_for(lambda: any(kind == "reconnecting" for kind, _ in got))
+        for n in range(2, 8):
+            await bus.publish(Event(type="task.created", data={"n": n}))
+        async with running_server(bus=bus, port=port):
+            await wait_for(lambda: any(kind == "resumed" for kind, _ in got))
+            await bus.publish(Event(type="task.created", data={"n": 8}))
+            await wait_for(lambda: events()[-1:] == [9])
+    finally:
+        if collector is not None:
+            collector.cancel()
+            await asyncio.gather(collector, return_exceptions=True)
+    kinds = [kind for kind, _ in got]
+    assert kinds.count("connected") == 2 and "restarted" not in kinds
+    resumed = next(m["data"] for kind, m in got if kind == "resumed")
+    assert resumed["since_seq"] == 2
+    if history == 100:
+        assert events() == list(range(1, 10))  # every event once, in order
+        assert resumed["count"] == 6 and "gap" not in kinds
+    else:
+        assert events() == [1, 2, 6, 7, 8, 9]  # 3 to 5 fell out of a 3-event history
+        gap = next(m for kind, m in got if kind == "gap")
+        assert gap["gap"] is True and gap["since_seq"] == 2
+
+
+async def test_health_answers_what_the_readme_says(served: Served) -> None:
+    health = await asyncio.to_thread(
+        get_json, f"http://127.0.0.1:{served.port}/health", None, timeout(5)
+    )
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    documented = re.search(r"`GET /health` answers 200 with `(\{.*?\})`", readme, re.DOTALL)
+    assert documented, "README.md does not document GET /health"
+    keys = re.findall(r'"(\w+)":', documented.group(1))
+    assert keys == list(health), (keys, health)
+    assert health["status"] == "ok"
+
+
 async def test_serve_on_a_busy_port_fails_naming_it() -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         proc = await run("serve", "--port", str(port))
-    assert proc.process.returncode != 0
-    assert f"port {port}" in proc.stderr and "in use" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert proc.process.returncode == 1
+    assert proc.stderr.strip() == (
+        f"gathering-lab serve: error: port {port} on 127.0.0.1 is already in use; "
+        f"pick another (e.g. --port {port + 1}) or --port 0 for a free one"
+    )
+
+
+@pytest.mark.parametrize(
+    ("host", "says"),
+    [
+        # An idna-invalid name (a 64-character label) fails before any DNS query is sent.
+        ("a" * 64 + ".invalid", "cannot resolve --host 'aaa"),
+        ("a..b", "cannot resolve --host 'a..b'"),
+        ("192.0.2.1", "cannot bind --host 192.0.2.1: not an address of this machine"),  # TEST-NET-1
+    ],
+    ids=["long-label", "empty-label", "foreign"],
+)
+async def test_serve_on_a_bad_host_is_one_line(host: str, says: str) -> None:
+    proc = await run("serve", "--host", host, "--port", "0")
+    assert proc.process.returncode == 1
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"gathering-lab serve: error: {says}"), lines
+    assert "--host 127.0.0.1" in lines[0]
+
+
+async def test_serve_logs_how_to_accept_a_refused_origin(served: Served) -> None:
+    async with connect(served.url, origin="http://evil.example") as ws:  # type: ignore[arg-type]
+        with contextlib.suppress(Exception):
+            await ws.recv()
+    assert ws.close_code == 1008 and ws.close_reason == "Unauthorized origin"
+    line = await served.proc.wait_line("err", r"refused a client from .*Unauthorized origin")
+    assert "'http://evil.example'" in line.string
+    assert "--allowed-origin" in line.string
 
 
 async def test_demo_and_listen_with_tokens() -> None:
@@ -374,11 +553,15 @@ async def test_demo_and_listen_with_tokens() -> None:
         assert bot not in demo.stderr + listen.stderr + serve.stdout + serve.stderr
 
         refused, anonymous = await asyncio.gather(
-            run("demo", "--url", url, "--count", "2", "--rate", "0", "--token", watcher),
+            run("demo", "--url", url, "--rate", "0", "--token", watcher),  # no --count
             run("listen", url),
         )
     assert refused.process.returncode == 1
-    assert "refused 2 of 2 publishes (last: forbidden" in refused.stderr
+    assert "demo: 1 sent, 0 acked, 1 errors" in refused.stderr  # stopped at the first refusal
+    assert refused.stderr.splitlines()[-1] == (
+        "demo: stopped: the server refused to publish: forbidden: publish needs the "
+        "'publish' role; this token has: subscribe"
+    )
     assert anonymous.process.returncode == 1
     assert "code 1008" in anonymous.stderr and "--token or $GATHERING_LAB_TOKEN" in anonymous.stderr
 

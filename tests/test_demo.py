@@ -347,8 +347,22 @@ async def test_run_demo_with_a_token() -> None:
 
         reader = auth.mint_token(secret, "reader", "subscribe")
         refused = await run_demo(server.url, count=3, rate=0, token=reader)
-        assert (refused.acked, refused.errors) == (0, 3)
+        assert (refused.sent, refused.acked, refused.errors) == (1, 0, 1)  # stopped at once
         assert refused.last_error is not None and refused.last_error.startswith("forbidden")
+        assert refused.stopped_by == refused.last_error
+        assert "'publish' role" in refused.stopped_by
+
+        # Endless, paced or not: the first forbidden stops it.
+        for rate in (0, 50):
+            endless = await asyncio.wait_for(
+                run_demo(server.url, rate=rate, token=reader), timeout(10)
+            )
+            assert (endless.sent, endless.errors) == (1, 1), (rate, endless)
+            assert endless.stopped_by is not None and endless.stopped_by.startswith("forbidden")
+
+        # Other refusals do not stop it (the next publish may be accepted).
+        kept = await run_demo(server.url, count=3, rate=0, token=reader, stop_on=())
+        assert (kept.sent, kept.errors, kept.stopped_by) == (3, 3, None)
 
         with pytest.raises(ConnectionFailed, match=r"code 1008 .*--token or \$GATHERING_LAB_TOKEN"):
             await run_demo(server.url, count=1)

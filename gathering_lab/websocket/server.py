@@ -485,7 +485,15 @@ class _Handler:
             resume = handshake.resume(query)
         except Refusal as refusal:
             self.manager.rejected_connections += 1
-            logger.info("refused a client from %s: %s", connection.remote_address, refusal.reason)
+            hint = ""
+            if refusal.reason == "Unauthorized origin":  # say how to accept it
+                hint = (
+                    f" {str(headers.get('Origin'))[:100]!r}; to accept it: gathering-lab serve "
+                    "--allowed-origin ORIGIN (allowed_origins=[...] in Python)"
+                )
+            logger.info(
+                "refused a client from %s: %s%s", connection.remote_address, refusal.reason, hint
+            )
             await connection.close(refusal.code, refusal.reason)
             return
         except ConnectionClosed:
