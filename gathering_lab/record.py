@@ -37,6 +37,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,7 @@ __all__ = [
     "record",
     "recording_format",
     "recording_parts",
+    "write_demo_recording",
 ]
 
 logger = logging.getLogger("gathering_lab.record")
@@ -206,8 +208,12 @@ class Recorder:
         return self.current.stat().st_size
 
     def _maybe_rotate(self) -> None:
+        # The next part is opened by the next write: no empty part at the end.
         if self.rotate_bytes is not None and self._size() >= self.rotate_bytes:
             self._close_file()
+
+    def _ensure_open(self) -> None:
+        if self._file is None and self._writer is None:
             self._open(len(self.files))
 
     # Writing
@@ -217,7 +223,8 @@ class Recorder:
         if self._closed:
             raise ValueError(f"the recording {str(self.path)!r} is closed")
         self.rows += 1
-        if self._file is not None:
+        if self.format == "jsonl":
+            self._ensure_open()
             line = json.dumps(
                 {"received_at": received_at, "message": message},
                 ensure_ascii=False,
@@ -243,12 +250,14 @@ class Recorder:
         if self._file is not None:
             self._file.flush()
             return
-        if not self._buffer or self._writer is None:
+        if not self._buffer:
             return
+        self._ensure_open()
         rows, self._buffer = self._buffer, []
         pa, _ = _pyarrow()
         self._writer.write_table(_table(pa, rows, self.client_id))
         self.row_groups += 1
+        logger.info("wrote %d rows to %s (%d rows in all)", len(rows), self.current.name, self.rows)
         self._maybe_rotate()
 
     def close(self) -> None:
@@ -340,6 +349,41 @@ def _table(pa: Any, rows: list[tuple[float, dict[str, Any]]], client_id: str | N
     }
     columns["source_agent_id"] = columns["source_agent_id"].cast(pa.string())
     return pa.table(columns, schema=_schema(pa))
+
+
+def write_demo_recording(
+    path: str | os.PathLike[str],
+    count: int = 200,
+    *,
+    seed: int = 0,
+    rate: float = 20.0,
+    start: float = 1_700_000_000.0,
+    overwrite: bool = False,
+) -> Path:
+    """Write a recording of the seeded demo story (:mod:`gathering_lab.traffic`), no server.
+
+    ``count`` events, one every ``1/rate`` seconds from ``start`` (epoch seconds), with
+    ``seq`` 1, 2, ... and fixed ids, epoch and 2 ms of latency: the same arguments always
+    give the same rows. Returns ``path``.
+    """
+    from .protocol import format_timestamp
+    from .traffic import demo_messages
+
+    if not rate > 0:
+        raise ValueError(f"rate must be > 0 events per second, not {rate!r}")
+    with Recorder(path, overwrite=overwrite, client_id="demo-recorder") as recorder:
+        for number, payload in enumerate(demo_messages(count, seed=seed), 1):
+            received_at = start + (number - 1) / rate
+            sent_at = datetime.fromtimestamp(received_at - 0.002, tz=UTC)
+            message = {
+                **payload,
+                "event_id": f"evt_{seed:04x}{number:012x}",
+                "timestamp": format_timestamp(sent_at),
+                "seq": number,
+                "epoch": f"demo-{seed}",
+            }
+            recorder.write(message, received_at)
+    return Path(path)
 
 
 # Reading
@@ -565,12 +609,3 @@ async def record(
     if progress is not None:
         progress(result)
     return result
-
-
-def _size_text(size: int) -> str:
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{size} B"  # pragma: no cover
