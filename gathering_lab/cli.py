@@ -561,6 +561,195 @@ async def _listen(args: argparse.Namespace) -> int:
     return 0  # pragma: no cover - the feed only ends by raising ConnectionFailed
 
 
+# record and replay
+def _add_record_parser(commands: Any) -> None:
+    record = commands.add_parser(
+        "record",
+        help="record a server's events to Parquet or JSON lines",
+        description="Record a server's events, each with its receive time, to FILE: Parquet "
+        "(*.parquet) or JSON lines (*.jsonl). Runs until Ctrl+C (or SIGTERM), --count or "
+        "--duration, and leaves a complete file on any of them. Reconnects and resumes by "
+        "seq; a loss is recorded as a lab.gap row.",
+    )
+    record.add_argument(
+        "--url", type=ws_url, default=DEFAULT_URL, help=f"server WebSocket URL ({DEFAULT_URL})"
+    )
+    record.add_argument(
+        "--out", required=True, metavar="FILE", help="the recording: *.parquet or *.jsonl"
+    )
+    record.add_argument(
+        "--count", type=_positive_int, default=None, help="stop after N events (default: Ctrl+C)"
+    )
+    record.add_argument(
+        "--duration",
+        type=_seconds,
+        default=None,
+        metavar="SECONDS",
+        help="stop after this long: 30, 90s, 15m, 1h (default: Ctrl+C)",
+    )
+    record.add_argument(
+        "--type",
+        dest="types",
+        action="append",
+        type=_pattern,
+        metavar="PATTERN",
+        help="only these event types: task.created, task.* (repeatable)",
+    )
+    record.add_argument(
+        "--rotate-bytes",
+        type=_size,
+        default=None,
+        metavar="SIZE",
+        help="start a new file past this size (e.g. 64m): FILE, then NAME.1.SUFFIX, "
+        "NAME.2.SUFFIX, ... (default: one file)",
+    )
+    record.add_argument(
+        "--force", action="store_true", help="overwrite FILE (and its numbered parts)"
+    )
+    record.add_argument("--client-id", default="record", help="client id (default: record)")
+    _add_token_argument(record)
+    _add_log_level(record, default="warning")
+
+
+def _add_replay_parser(commands: Any) -> None:
+    replay = commands.add_parser(
+        "replay",
+        help="publish a recording to a server again",
+        description="Publish the events of a recording (*.parquet or *.jsonl, rotated parts "
+        "included) to a server again, in order, keeping their relative timing. A publish the "
+        "server refuses with rate_limited is sent again, never dropped.",
+    )
+    replay.add_argument("file", metavar="FILE", help="the recording: *.parquet or *.jsonl")
+    replay.add_argument(
+        "--url", type=ws_url, default=DEFAULT_URL, help=f"server WebSocket URL ({DEFAULT_URL})"
+    )
+    pace = replay.add_mutually_exclusive_group()
+    pace.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        help="play the recorded timing this many times faster (default 1)",
+    )
+    pace.add_argument(
+        "--as-fast-as-possible",
+        action="store_true",
+        help="ignore the timing: publish as fast as the server takes them",
+    )
+    replay.add_argument(
+        "--window",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="publishes sent ahead of their acknowledgement (default 256)",
+    )
+    replay.add_argument("--client-id", default="replay", help="client id (default: replay)")
+    _add_token_argument(replay)
+    _add_log_level(replay, default="warning")
+
+
+def _tqdm(**options: Any) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(file=sys.stderr, disable=None, dynamic_ncols=True, **options)
+
+
+async def _record(args: argparse.Namespace) -> int:
+    """Run ``gathering-lab record``: a counter on stderr, then one summary line."""
+    from .record import Recorder, RecordResult, record
+
+    err = sys.stderr
+    try:
+        Recorder.check_path(args.out, overwrite=args.force)
+    except (OSError, ValueError, ImportError) as exc:
+        print(f"gathering-lab record: error: {exc}", file=err)
+        return 2
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    bar = _tqdm(desc="record", unit="ev", total=args.count)
+
+    def show(result: RecordResult) -> None:
+        bar.update(result.events - bar.n)
+
+    print(f"record: recording {args.url} to {args.out} (Ctrl+C to stop)", file=err, flush=True)
+    try:
+        result = await record(
+            args.url,
+            args.out,
+            count=args.count,
+            duration=args.duration,
+            types=args.types,
+            token=args.token or os.environ.get(TOKEN_ENV),
+            client_id=args.client_id,
+            rotate_bytes=args.rotate_bytes,
+            overwrite=args.force,
+            stop=stop,
+            progress=show,
+        )
+    finally:
+        bar.close()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    files = result.files
+    more = f" (+{len(files) - 1} more files)" if len(files) > 1 else ""
+    gaps = f", {result.gaps} gaps" if result.gaps else ""
+    print(
+        f"record: {result.events} events ({result.rows} rows{gaps}) in {result.elapsed:.1f} s "
+        f"to {files[0]}{more}, {result.bytes} bytes; stopped by {result.reason}",
+        file=err,
+        flush=True,
+    )
+    return 1 if result.reason == "closed" else 0
+
+
+async def _replay(args: argparse.Namespace) -> int:
+    """Run ``gathering-lab replay``: a progress bar on stderr, then one summary line."""
+    from .record import recording_format
+    from .replay import replay
+
+    err = sys.stderr
+    speed = None if args.as_fast_as_possible else args.speed
+    problem = None
+    if speed is not None and not speed > 0 or speed == float("inf"):
+        problem = f"invalid speed {args.speed:g}: must be > 0 (or --as-fast-as-possible)"
+    else:
+        try:
+            recording_format(args.file)
+        except ValueError as exc:
+            problem = str(exc)
+        else:
+            if not os.path.exists(args.file):
+                problem = f"no such recording {args.file!r}"
+    if problem is not None:
+        print(f"gathering-lab replay: error: {problem}", file=err)
+        return 2
+    try:
+        result = await replay(
+            args.file,
+            args.url,
+            speed=speed,
+            token=args.token or os.environ.get(TOKEN_ENV),
+            client_id=args.client_id,
+            progress=_tqdm,
+            window=args.window,
+        )
+    except (OSError, ValueError, ImportError) as exc:
+        print(f"gathering-lab replay: error: {exc}", file=err)
+        return 2
+    print(
+        f"replay: {result.published} of {result.total} events published in "
+        f"{result.elapsed:.2f} s ({result.rate:.0f} ev/s); {result.retried} resent after "
+        f"rate_limited, {result.failed} refused, {result.skipped} rows skipped"
+        + (f", {result.reordered} out of order" if result.reordered else ""),
+        file=err,
+        flush=True,
+    )
+    if result.last_error:
+        print(f"replay: last refusal: {result.last_error}", file=err, flush=True)
+    return 0 if result.published == result.total else 1
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gathering-lab",
@@ -646,6 +835,8 @@ def _build_parser() -> argparse.ArgumentParser:
     for sub in (commands.choices["demo"], commands.choices["listen"]):
         _add_log_level(sub, default="warning")
     _add_token_parser(commands)
+    _add_record_parser(commands)
+    _add_replay_parser(commands)
     return parser
 
 
@@ -841,6 +1032,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_listen(args))
         if args.command == "token":
             return _token(args)
+        if args.command == "record":
+            return asyncio.run(_record(args))
+        if args.command == "replay":
+            return asyncio.run(_replay(args))
     except GatheringLabError as exc:
         print(f"gathering-lab {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -250,6 +250,20 @@ class Lab:
         event = Event(type=type, data=data or {}, **ids)
         return self.bus.publish_nowait(event)
 
+    async def replay(self, source: Any, speed: float | None = 1.0, *, progress: Any = True) -> Any:
+        """Publish a recording (path, EventFrame or DataFrame) on this lab's bus again.
+
+        Keeps the recorded order and relative timing divided by ``speed`` (None: as fast
+        as possible), with a progress bar; returns a
+        :class:`~gathering_lab.replay.ReplayResult`. See :mod:`gathering_lab.replay`.
+        """
+        from .replay import replay_on_bus
+
+        if not self.running:
+            raise RuntimeError("the lab is stopped: call gl.start() first")
+        await self.wait_started()
+        return await replay_on_bus(source, self.bus, speed=speed, progress=progress)
+
     def stats(self) -> dict[str, Any]:
         """The server's stats, as served at ``/admin/websocket/stats``."""
         if self.server is None:
