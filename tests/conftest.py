@@ -44,3 +44,18 @@ def manager() -> ConnectionManager:
 async def server(bus: EventBus, manager: ConnectionManager) -> AsyncIterator[Server]:
     async with running_server(bus=bus, manager=manager) as server:
         yield server
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _close_widgets_before_exit() -> object:
+    """Close the widgets tests made while the interpreter is whole.
+
+    Left to interpreter shutdown, ipywidgets' ``Widget.__del__`` runs after its class
+    registry is gone and prints an ``AttributeError`` per widget.
+    """
+    yield
+    import sys
+
+    widgets = sys.modules.get("ipywidgets")
+    if widgets is not None:
+        widgets.Widget.close_all()
