@@ -57,6 +57,19 @@ def _size(text: str) -> int:
     return value
 
 
+def _milliseconds(text: str) -> float:
+    """``20ms``, ``0.02s`` or ``20`` (milliseconds) as seconds."""
+    raw = text.strip().lower()
+    scale = 1.0 if raw.endswith("s") and not raw.endswith("ms") else 1e-3
+    try:
+        value = float(raw.removesuffix("ms").removesuffix("s")) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid delay {text!r}: e.g. 20ms, 0.02s") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"invalid delay {text!r}: from 0 to 1s")
+    return value
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -783,6 +796,14 @@ def _build_parser() -> argparse.ArgumentParser:
         help="pending outgoing bytes per client before it is closed as slow (4m)",
     )
     serve.add_argument(
+        "--write-delay",
+        type=_milliseconds,
+        default=0.0,
+        metavar="DELAY",
+        help="hold each client's frames up to DELAY (e.g. 20ms) and write them as one buffer: "
+        "fewer writes for up to that much latency (default 0: off)",
+    )
+    serve.add_argument(
         "--history",
         type=_positive,
         default=10_000,
@@ -875,6 +896,7 @@ async def _serve(args: argparse.Namespace) -> int:
             auth=auth,
             max_message_size=args.max_message_size,
             max_pending_bytes=args.max_pending,
+            write_delay=args.write_delay,
             compression=None if args.compression == "off" else args.compression,
             ssl=ssl_context,
             max_connections=args.max_connections,

@@ -827,3 +827,20 @@ def test_format_event() -> None:
 )
 def test_event_matches(filters: protocol.Filters, message: dict[str, Any], expected: bool) -> None:
     assert event_matches(filters, message) is expected
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("20ms", 0.02), ("0.02s", 0.02), ("5", 0.005), ("0", 0.0)]
+)
+def test_write_delay_values(text: str, seconds: float) -> None:
+    from gathering_lab.cli import _milliseconds
+
+    assert _milliseconds(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["2s", "-1ms", "soon", "1500ms"])
+def test_bad_write_delay_is_one_line(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--port", "0", f"--write-delay={text}"])
+    assert exited.value.code == 2
+    assert "invalid delay" in capsys.readouterr().err

@@ -307,3 +307,32 @@ async def test_a_burst_of_publishes_is_written_in_batches_with_replies_in_order(
         if i == 100:
             expected.append(("pong", "mid"))
     assert kinds == expected
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05])
+async def test_write_delay_coalesces_a_paced_stream_into_fewer_writes(
+    bus: EventBus, delay: float
+) -> None:
+    manager = ConnectionManager(write_delay=delay)
+    async with running_server(bus=bus, manager=manager) as server:
+        async with connect(f"{server.url}?client_id=w") as ws:
+            await recv_json(ws)
+            (session,) = manager.sessions
+            counting = CountingTransport(session.transport)
+            session.transport = counting
+            for i in range(20):  # 20 events, one every 5 ms: one loop turn each
+                await bus.publish(Event(type="paced.event", data={"i": i}))
+                await asyncio.sleep(0.005)
+            got = await recv_until(ws, lambda m: m.get("seq") == 20, wait=timeout(5))
+    assert [m["data"]["i"] for m in got] == list(range(20))
+    assert manager.get_stats()["write_delay"] == delay
+    if delay:
+        assert counting.writes <= 10, counting.writes  # about 100 ms / 50 ms, not 20
+    else:
+        assert counting.writes == 20
+
+
+def test_write_delay_is_checked() -> None:
+    for bad in (-0.01, 2, "20ms", True):
+        with pytest.raises(ValueError, match="write_delay"):
+            ConnectionManager(write_delay=bad)

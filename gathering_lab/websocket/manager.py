@@ -156,6 +156,18 @@ class Session:
         return f"<Session {self.client_id} sent={self.messages_sent}>"
 
 
+MAX_WRITE_DELAY = 1.0
+
+
+def check_write_delay(value: Any) -> float:
+    """Return ``value`` as a write delay in seconds (0 = off, at most 1 s); ValueError if not."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"write_delay must be a number of seconds, not {value!r}")
+    if not 0 <= value <= MAX_WRITE_DELAY:
+        raise ValueError(f"write_delay must be from 0 to {MAX_WRITE_DELAY:g} s, not {value!r}")
+    return float(value)
+
+
 class ConnectionManager:
     """Registry of connected clients, fan-out of events to them, and the stats of both.
 
@@ -169,6 +181,7 @@ class ConnectionManager:
         flush_bytes: int = 256 * 2**10,
         replay_chunk_bytes: int = DEFAULT_REPLAY_CHUNK_BYTES,
         replay_stall_timeout: float = DEFAULT_REPLAY_STALL_TIMEOUT,
+        write_delay: float = 0.0,
     ) -> None:
         if not isinstance(max_pending_bytes, int) or max_pending_bytes < 1024:
             raise ValueError(f"max_pending_bytes must be an int >= 1024, not {max_pending_bytes!r}")
@@ -184,6 +197,7 @@ class ConnectionManager:
         self.flush_bytes = flush_bytes
         self.replay_chunk_bytes = replay_chunk_bytes
         self.replay_stall_timeout = float(replay_stall_timeout)
+        self.write_delay = check_write_delay(write_delay)
         self.max_message_size: int | None = None
         self._bus: weakref.ref[Any] | None = None
         self._sessions: dict[int, Session] = {}
@@ -377,7 +391,12 @@ class ConnectionManager:
             except RuntimeError:
                 self.flush()
                 return
-            self._flush_handle = loop.call_soon(self.flush)
+            if self.write_delay:
+                # Opt-in coalescing: what is published within the delay goes out as one
+                # write per client, for up to write_delay more latency.
+                self._flush_handle = loop.call_later(self.write_delay, self.flush)
+            else:
+                self._flush_handle = loop.call_soon(self.flush)
 
     def _payload(self, event: Event) -> bytes | None:
         """The event's JSON, or None (counted and logged) if it cannot be encoded."""
@@ -719,6 +738,7 @@ class ConnectionManager:
             "max_pending_bytes": self.max_pending_bytes,
             "max_message_size": self.max_message_size,
             "replay_chunk_bytes": self.replay_chunk_bytes,
+            "write_delay": self.write_delay,
         }
 
     def __repr__(self) -> str:

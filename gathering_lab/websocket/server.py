@@ -51,7 +51,7 @@ from .limits import (
     descriptor_limit,
     open_descriptors,
 )
-from .manager import ConnectionManager, Session, manager_for
+from .manager import ConnectionManager, Session, check_write_delay, manager_for
 from .policy import (
     LOOPBACK_ORIGIN,
     Action,
@@ -771,6 +771,9 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
     :func:`~gathering_lab.websocket.integration.setup_websocket_broadcasting`
     and ``setup_custom_broadcasting`` enable.
 
+    ``write_delay`` (seconds, off by default) holds each client's frames up to that long
+    and writes them as one buffer: fewer writes for up to that much more latency.
+
     Admission and rate limits (``0`` or ``None`` = no limit where noted):
     ``max_connections`` WebSocket clients in all (default: what the descriptor limit
     allows, see :func:`~gathering_lab.websocket.limits.default_max_connections`) and
@@ -800,6 +803,7 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
         max_pending_bytes: int | None = None,
         max_patterns: int = protocol.DEFAULT_MAX_PATTERNS,
         compression: str | None = None,
+        write_delay: float | None = None,
         # Admission and rate limits
         max_connections: int | None = None,
         max_connections_per_ip: int | None = DEFAULT_MAX_CONNECTIONS_PER_IP,
@@ -841,6 +845,8 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
                     f"max_pending_bytes must be an int >= 1024, not {max_pending_bytes!r}"
                 )
             self.manager.max_pending_bytes = max_pending_bytes
+        if write_delay is not None:
+            self.manager.write_delay = check_write_delay(write_delay)
         self.manager.max_message_size = max_message_size
         self.broadcast = broadcast
         self.sock = sock if sock is not None else _bind(host, port)
