@@ -143,6 +143,8 @@ class LabClient:
         self.last_seq: int | None = None
         self.events_received = 0
         self.duplicates = 0
+        #: Publishes sent again after the server answered ``rate_limited``.
+        self.publish_retries = 0
         self.reconnects = 0
         self.restarts = 0
         self.gaps = 0
@@ -253,6 +255,9 @@ class LabClient:
 
         Returns None against a server that does not acknowledge (the guide's original).
         Raises ValueError for a bad type or data, ProtocolError if the server refuses.
+        A server that answers ``rate_limited`` (nothing was published) is asked again,
+        slower, until ``request_timeout`` has passed; each retry is counted in
+        :attr:`publish_retries`.
         """
         if data is None:
             data = {}
@@ -263,7 +268,18 @@ class LabClient:
             message = request.to_message()
         except ProtocolError as exc:
             raise ValueError(exc.message) from None
-        return await self._request("published", message)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout
+        delay = 0.05
+        while True:
+            try:
+                return await self._request("published", dict(message))
+            except ProtocolError as exc:
+                if exc.code != "rate_limited" or loop.time() + delay > deadline:
+                    raise
+            self.publish_retries += 1
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
 
     async def subscribe(
         self,

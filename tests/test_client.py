@@ -657,3 +657,32 @@ async def test_replies_without_ids_are_matched_oldest_first(
             await client.subscribe("a.*")
     finally:
         await client.close()
+
+
+async def test_publish_slows_down_when_the_server_says_rate_limited(bus: EventBus) -> None:
+    async with running_server(bus=bus, publish_rate=20, publish_burst=2) as server:
+        client = LabClient(server.url, "eager", heartbeat=None, request_timeout=timeout(10))
+        await client.connect()
+        try:
+            acks = [await client.publish("burst.event", {"i": i}) for i in range(8)]
+        finally:
+            await client.close()
+    assert [a["seq"] for a in acks if a] == list(range(1, 9))  # all published, in order
+    assert client.publish_retries > 0
+    assert server.get_stats()["publishes_rate_limited"] == client.publish_retries
+
+
+async def test_publish_gives_up_on_rate_limited_after_its_timeout(bus: EventBus) -> None:
+    async with running_server(
+        bus=bus, publish_rate=0.1, publish_burst=1, message_rate=100, message_burst=100
+    ) as server:
+        client = LabClient(server.url, "stuck", heartbeat=None, request_timeout=0.3)
+        await client.connect()
+        try:
+            await client.publish("first.event")
+            with pytest.raises(ProtocolError) as refused:
+                await client.publish("second.event")
+        finally:
+            await client.close()
+    assert refused.value.code == "rate_limited" and client.publish_retries >= 1
+    assert bus.last_seq == 1
