@@ -52,11 +52,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
 
 from ..exceptions import BackendUnavailable
 from .base import (
@@ -250,17 +250,20 @@ class RedisLog(EventLog):
 
     # -- connections -------------------------------------------------------------------
 
-    def _new_client(self, client_name: str, socket_timeout: float) -> aioredis.Redis:
+    def _new_client(self, client_name: str) -> aioredis.Redis:
+        # No socket_timeout: redis-py then sends through asyncio.wait_for, which on
+        # Python 3.11 can swallow a task's cancellation (a tail that never ends). Every
+        # call is bounded with asyncio.timeout here instead.
         client: aioredis.Redis = aioredis.Redis.from_url(
             self.url,
             client_name=client_name,
-            socket_timeout=socket_timeout,
             socket_connect_timeout=self.connect_timeout,
             socket_keepalive=True,
             socket_keepalive_options=_keepalive_options(),
             health_check_interval=30,
             retry=Retry(NoBackoff(), 0),
             decode_responses=False,
+            protocol=2,
         )
         return client
 
@@ -268,12 +271,13 @@ class RedisLog(EventLog):
         """Reach Redis and read the log's epoch; raise BackendUnavailable if it cannot."""
         if self._client is not None:
             return
-        client = self._new_client(f"gathering-lab:{self.name}", self.timeout)
+        client = self._new_client(f"gathering-lab:{self.name}")
         self._append_script = client.register_script(APPEND_LUA)
         self._read_script = client.register_script(READ_LUA)
         self._client = client
         try:
-            await asyncio.wait_for(self._read_raw(client, 0, 0, None), self.timeout)
+            async with asyncio.timeout(self.timeout + self.connect_timeout):
+                await self._read_raw(client, 0, 0, None)
         except _DOWN_ERRORS + (RedisError,) as exc:
             self._client = None
             await client.aclose()
@@ -292,10 +296,11 @@ class RedisLog(EventLog):
         try:
             values = {}
             for name in ("maxmemory-policy", "appendonly", "save"):
-                config: Any = await client.config_get(name)
+                async with asyncio.timeout(self.timeout):
+                    config: Any = await client.config_get(name)
                 for key, value in config.items():  # str or bytes, by redis-py version
                     values[_text(key)] = _text(value)
-        except RedisError as exc:  # CONFIG may be disabled (managed Redis)
+        except _DOWN_ERRORS + (RedisError,) as exc:  # CONFIG may be disabled (managed Redis)
             logger.debug("cannot read redis config at %s: %s", self.where, exc)
             return
         policy = values.get("maxmemory-policy", "")
@@ -360,9 +365,8 @@ class RedisLog(EventLog):
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
             attempts += 1
             try:
-                await asyncio.wait_for(
-                    self._read_raw(self._client, 0, 0, None), self.timeout + self.connect_timeout
-                )
+                async with asyncio.timeout(self.timeout + self.connect_timeout):
+                    await self._read_raw(self._client, 0, 0, None)
             except _DOWN_ERRORS as exc:
                 self._stats["failures"] += 1
                 delay = min(delay * 2, self.backoff_max)
@@ -413,9 +417,10 @@ class RedisLog(EventLog):
             self._stats["append_refused"] += 1
             raise self._unavailable()
         try:
-            seq, epoch = await self._append_script(
-                keys=self.keys, args=[secrets.token_hex(6), payload, self.maxlen], client=client
-            )
+            async with asyncio.timeout(self.timeout + self.connect_timeout):
+                seq, epoch = await self._append_script(
+                    keys=self.keys, args=[secrets.token_hex(6), payload, self.maxlen], client=client
+                )
         except _DOWN_ERRORS as exc:
             self._down(exc)
             self._stats["append_refused"] += 1
@@ -451,7 +456,8 @@ class RedisLog(EventLog):
         if self._health != "ok":
             raise self._unavailable()
         try:
-            return await self._read_raw(client, after_seq, count, epoch)
+            async with asyncio.timeout(self.timeout + self.connect_timeout):
+                return await self._read_raw(client, after_seq, count, epoch)
         except _DOWN_ERRORS as exc:
             self._down(exc)
             raise self._unavailable() from exc
@@ -460,7 +466,8 @@ class RedisLog(EventLog):
         """Return what the log holds now; while degraded, the last figures seen."""
         if self._client is not None and self._health == "ok":
             try:
-                await self._read_raw(self._client, 0, 0, None)
+                async with asyncio.timeout(self.timeout + self.connect_timeout):
+                    await self._read_raw(self._client, 0, 0, None)
             except _DOWN_ERRORS as exc:
                 self._down(exc)
         last_seq, oldest, length = self._last
@@ -484,7 +491,8 @@ class RedisLog(EventLog):
         """
         check_read_args(after_seq, 1)
         self._require_client()
-        client = self._new_client(f"gathering-lab-tail:{self.name}", self.block + self.timeout)
+        client = self._new_client(f"gathering-lab-tail:{self.name}")
+        task = asyncio.current_task()
         stream = self.keys[0]
         last = after_seq
         # Script mode reads a chunk atomically with the epoch: at the start, after a fault,
@@ -497,7 +505,8 @@ class RedisLog(EventLog):
             while self._client is not None and self._health != "closed":
                 try:
                     if use_script:
-                        chunk = await self._read_raw(client, last, TAIL_CHUNK, epoch)
+                        async with asyncio.timeout(self.timeout + self.connect_timeout):
+                            chunk = await self._read_raw(client, last, TAIL_CHUNK, epoch)
                         if epoch is not None and chunk.epoch != epoch:
                             logger.warning(
                                 "event log tail on %s: epoch %s -> %s after seq %d; "
@@ -512,9 +521,14 @@ class RedisLog(EventLog):
                         batch = chunk.entries
                         use_script = len(batch) == TAIL_CHUNK
                     else:
-                        reply: Any = await client.xread(
-                            {stream: f"{last}-0"}, count=TAIL_CHUNK, block=int(self.block * 1000)
-                        )
+                        async with asyncio.timeout(
+                            self.block + self.timeout + self.connect_timeout
+                        ):
+                            reply: Any = await client.xread(
+                                {stream: f"{last}-0"},
+                                count=TAIL_CHUNK,
+                                block=int(self.block * 1000),
+                            )
                         batch = [_entry(item) for item in reply[0][1]] if reply else []
                         use_script = not batch
                 except _DOWN_ERRORS as exc:
@@ -540,6 +554,9 @@ class RedisLog(EventLog):
                     await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                     delay = min(delay * 2, self.backoff_max)
                     continue
+                if task is not None and task.cancelling():
+                    # cancelled, but a library swallowed the CancelledError: end anyway
+                    raise asyncio.CancelledError
                 delay = self.backoff
                 for entry in batch:
                     if entry.epoch != epoch:
