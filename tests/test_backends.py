@@ -185,6 +185,28 @@ async def test_tail_starts_after_the_given_seq_and_follows(nodes: Nodes) -> None
     assert [(e.seq, e.payload) for e in seen] == [(4, b"old 3"), (5, b"old 4"), (6, b"new")]
 
 
+async def test_a_cancelled_tail_ends_promptly(nodes: Nodes) -> None:
+    # Python 3.11's asyncio.wait_for (used by redis-py for its socket_timeout) can swallow
+    # a cancellation: a tail that then never ends would hang every shutdown.
+    (log,) = await nodes()
+    for _ in range(20):
+        received: list[LogEntry] = []
+
+        async def run() -> None:
+            async with contextlib.aclosing(log.tail(0)) as entries:  # noqa: B023
+                async for entry in entries:
+                    received.append(entry)  # noqa: B023
+
+        task = asyncio.create_task(run())
+        await log.append(b"x")
+        await wait_for(lambda: len(received) >= 1)  # noqa: B023
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=timeout(1.0))
+        assert done, "the tail ignored its cancellation"
+        assert task.cancelled()
+    assert (await log.info()).stats["tails"] == 0, "every ended tail is accounted for"
+
+
 async def test_trimming_past_maxlen_is_a_gap(nodes: Nodes) -> None:
     # Redis trims approximately (MAXLEN ~, whole nodes of 100 entries): append enough.
     (log,) = await nodes(maxlen=10)
@@ -422,6 +444,26 @@ async def test_a_hung_redis_is_a_stall_detected_and_counted(
     # lost); whatever the log holds, the tail yields it once and in order
     assert [e.seq for e in seen] == list(range(1, len(seen) + 1))
     assert seen[-1].payload == b"after"
+
+
+async def test_a_tail_that_fails_is_logged_counted_and_retried(
+    redis_nodes: Nodes, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    writer, reader = await redis_nodes(2)
+    await writer.append(b"1")
+    stream, _ = writer.keys  # type: ignore[attr-defined]
+    caplog.set_level(logging.WARNING, "gathering_lab.backends.redis")
+    async with following(reader) as seen:
+        await wait_for(lambda: len(seen) == 1)
+        # someone overwrites the stream with a string: XREAD fails with WRONGTYPE
+        assert redis_server.command("SET", stream, "oops") == b"+OK"
+        await wait_for(lambda: reader.stats()["tail_errors"] >= 1, 5)  # type: ignore[attr-defined]
+        assert "WRONGTYPE" in caplog.text
+        assert redis_server.command("DEL", stream) == b":1"
+        seq, epoch = await writer.append(b"after")
+        await wait_for(lambda: len(seen) == 2, 5)
+    assert seen[-1] == LogEntry(seq, epoch, b"after")
+    assert epoch != seen[0].epoch, "the lost stream started a new epoch"
 
 
 async def test_connect_to_an_unreachable_redis_is_one_clear_error() -> None:

@@ -67,6 +67,7 @@ class MemoryLog(EventLog):
         self._open = False
         self._appended = 0
         self._tail_gaps = 0
+        self._tails = 0
 
     async def connect(self) -> None:
         """Open the log (nothing to reach)."""
@@ -113,23 +114,27 @@ class MemoryLog(EventLog):
         self._check_open()
         store = self._store
         last = after_seq if epoch in (None, store.epoch) else 0
-        while self._open:
-            chunk = await self.read(last, 512)
-            if chunk.entries:
-                if chunk.entries[0].seq > last + 1:
-                    self._tail_gaps += 1
-                    logger.warning(
-                        "memory log tail fell behind: entries %d..%d were trimmed",
-                        last + 1,
-                        chunk.entries[0].seq - 1,
-                    )
-                for entry in chunk.entries:
-                    last = entry.seq
-                    yield entry
-                continue
-            async with store.changed:
-                if store.last_seq <= last and self._open:
-                    await store.changed.wait()
+        self._tails += 1
+        try:
+            while self._open:
+                chunk = await self.read(last, 512)
+                if chunk.entries:
+                    if chunk.entries[0].seq > last + 1:
+                        self._tail_gaps += 1
+                        logger.warning(
+                            "memory log tail fell behind: entries %d..%d were trimmed",
+                            last + 1,
+                            chunk.entries[0].seq - 1,
+                        )
+                    for entry in chunk.entries:
+                        last = entry.seq
+                        yield entry
+                    continue
+                async with store.changed:
+                    if store.last_seq <= last and self._open:
+                        await store.changed.wait()
+        finally:
+            self._tails -= 1
 
     async def info(self) -> LogInfo:
         """Return what the log holds and this handle's counters."""
@@ -145,7 +150,7 @@ class MemoryLog(EventLog):
 
     def stats(self) -> dict[str, Any]:
         """This handle's counters."""
-        return {"appended": self._appended, "tail_gaps": self._tail_gaps}
+        return {"appended": self._appended, "tails": self._tails, "tail_gaps": self._tail_gaps}
 
     @property
     def health(self) -> Health:
