@@ -194,7 +194,7 @@ async def test_a_cancelled_tail_ends_promptly(nodes: Nodes) -> None:
     for delay in range(12):
         received: list[LogEntry] = []
 
-        async def run(delay: int) -> None:
+        async def run(delay: int, received: list[LogEntry]) -> None:
             async with contextlib.aclosing(log.tail(0)) as entries:
                 async for entry in entries:
                     if not received:  # cancel while the tail goes on to its next read
@@ -204,7 +204,7 @@ async def test_a_cancelled_tail_ends_promptly(nodes: Nodes) -> None:
                     received.append(entry)
 
         await log.append(b"x")
-        task = asyncio.create_task(run(delay))
+        task = asyncio.create_task(run(delay, received))
         done, _ = await asyncio.wait([task], timeout=timeout(1.0))
         assert done, f"the tail ignored its cancellation (cancelled after {delay} ms)"
         assert task.cancelled()
