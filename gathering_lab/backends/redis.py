@@ -100,23 +100,43 @@ local function ensure()
 end
 """
 
-# KEYS: stream, meta. ARGV: new epoch, payload, maxlen. Returns {seq, epoch}.
+# KEYS: stream, meta. ARGV: new epoch, payload, maxlen, token, and for a retry after a lost
+# connection the last seq and epoch the node knew before the first try ('' otherwise).
+# Returns {seq, epoch, 1 if the first try had landed}.
 APPEND_LUA = (
     _ENSURE
     + """
 local epoch, top = ensure()
+if ARGV[5] ~= '' then
+    -- a retry: did the first try land? Look for its token after what was known then.
+    local from = 0
+    if ARGV[6] == epoch then from = tonumber(ARGV[5]) end
+    local after = redis.call('xrange', stream, string.format('%d-0', from + 1), '+', 'COUNT', 1000)
+    for _, item in ipairs(after) do
+        local fields = item[2]
+        for k = 1, #fields, 2 do
+            if fields[k] == 'i' and fields[k + 1] == ARGV[4] then
+                return {tonumber(string.match(item[1], '^(%d+)')), epoch, 1}
+            end
+        end
+    end
+    if #after == 1000 then
+        return redis.error_reply('cannot tell whether the first try was appended')
+    end
+end
 local seq = top + 1
 redis.call('hset', meta, 's', seq)
 local added = redis.pcall('xadd', stream, 'MAXLEN', '~', ARGV[3],
-    string.format('%d-0', seq), 'd', ARGV[2], 'e', epoch)
+    string.format('%d-0', seq), 'd', ARGV[2], 'e', epoch, 'i', ARGV[4])
 if type(added) == 'table' and added.err then
     -- the stream holds ids at or past seq: its metadata is older than it. Start over.
     redis.call('del', stream)
     epoch, seq = new_epoch, 1
     redis.call('hset', meta, 'e', epoch, 's', seq)
-    redis.call('xadd', stream, 'MAXLEN', '~', ARGV[3], '1-0', 'd', ARGV[2], 'e', epoch)
+    redis.call('xadd', stream, 'MAXLEN', '~', ARGV[3], '1-0', 'd', ARGV[2], 'e', epoch,
+        'i', ARGV[4])
 end
-return {seq, epoch}
+return {seq, epoch, 0}
 """
 )
 
@@ -230,12 +250,14 @@ class RedisLog(EventLog):
         self._client: aioredis.Redis | None = None
         self._health: Health = "closed"
         self._reconnector: asyncio.Task[None] | None = None
+        self._prober: asyncio.Task[None] | None = None
         self._down_since = 0.0
         self._epoch = ""
         self._last = (0, 1, 0)  # last seq, oldest seq, length: the last figures seen
         self._stats: dict[str, Any] = {
             "appended": 0,
             "append_refused": 0,
+            "append_retries": 0,
             "failures": 0,
             "reconnects": 0,
             "epoch_changes": 0,
@@ -326,11 +348,12 @@ class RedisLog(EventLog):
     async def close(self) -> None:
         """Stop reconnecting and close the connections; open tails end."""
         self._health = "closed"
-        task, self._reconnector = self._reconnector, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in (self._reconnector, self._prober):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._reconnector = self._prober = None
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
@@ -389,6 +412,17 @@ class RedisLog(EventLog):
             )
         self._reconnector = None
 
+    def _probe(self) -> None:
+        """Check Redis with the main connection (a tail's loss may be its own connection's)."""
+        if self._health == "ok" and self._prober is None:
+            self._prober = asyncio.get_running_loop().create_task(self._probe_once())
+
+    async def _probe_once(self) -> None:
+        try:
+            await self.info()  # turns the backend degraded if Redis does not answer
+        finally:
+            self._prober = None
+
     def _unavailable(self) -> BackendUnavailable:
         return BackendUnavailable(
             f"redis at {self.where} is unreachable; reconnecting (down for "
@@ -416,21 +450,38 @@ class RedisLog(EventLog):
         if self._health != "ok":
             self._stats["append_refused"] += 1
             raise self._unavailable()
+        token = secrets.token_hex(8)
+        known_seq, known_epoch = self._last[0], self._epoch
+        args: list[Any] = [secrets.token_hex(6), payload, self.maxlen, token, "", ""]
         try:
-            async with asyncio.timeout(self.timeout + self.connect_timeout):
-                seq, epoch = await self._append_script(
-                    keys=self.keys, args=[secrets.token_hex(6), payload, self.maxlen], client=client
-                )
+            try:
+                async with asyncio.timeout(self.timeout + self.connect_timeout):
+                    seq, epoch, _ = await self._append_script(
+                        keys=self.keys, args=args, client=client
+                    )
+            except RedisConnectionError:
+                # The connection broke (e.g. closed by the server while idle in the pool):
+                # try once more on a new one; the script finds the first try by its token
+                # if it had landed, so the entry is in the log once either way.
+                self._stats["append_retries"] += 1
+                args[4:] = [known_seq, known_epoch]
+                async with asyncio.timeout(self.timeout + self.connect_timeout):
+                    seq, epoch, _ = await self._append_script(
+                        keys=self.keys, args=args, client=client
+                    )
         except _DOWN_ERRORS as exc:
             self._down(exc)
             self._stats["append_refused"] += 1
             raise self._unavailable() from exc
+        except RedisError as exc:  # the retry could not tell: refuse rather than duplicate
+            self._stats["append_refused"] += 1
+            raise BackendUnavailable(f"redis at {self.where}: {exc}") from exc
         epoch = epoch.decode()
+        seq = int(seq)
+        if seq > self._last[0] or epoch != self._epoch:
+            self._last = (seq, self._last[1], self._last[2])
         self._saw_epoch(epoch)
         self._stats["appended"] += 1
-        seq = int(seq)
-        if seq > self._last[0]:
-            self._last = (seq, self._last[1], self._last[2])
         return seq, epoch
 
     async def _read_raw(
@@ -470,6 +521,8 @@ class RedisLog(EventLog):
                     await self._read_raw(self._client, 0, 0, None)
             except _DOWN_ERRORS as exc:
                 self._down(exc)
+            except RedisError as exc:
+                logger.error("redis at %s answers with an error: %s", self.where, exc)
         last_seq, oldest, length = self._last
         return LogInfo(last_seq, oldest, self._epoch, length, self._health, self.stats())
 
@@ -542,7 +595,7 @@ class RedisLog(EventLog):
                         type(exc).__name__,
                         exc,
                     )
-                    self._down(exc)
+                    self._probe()
                     use_script = True
                     await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                     delay = min(delay * 2, self.backoff_max)
