@@ -3,7 +3,7 @@
 Every node that opens the same URL (and ``name``) shares one log. Its keys form one
 hash-tagged family, so they live in one slot of a Redis Cluster, and none has a TTL::
 
-    {gathering-lab:NAME}:stream   the entries: id "<seq>-0", fields d (payload), e (epoch)
+    {gathering-lab:NAME}:stream   entries: id "<seq>-0", fields d (payload), e (epoch), i (token)
     {gathering-lab:NAME}:meta     hash: e (epoch), s (last seq)
 
 One Lua script appends atomically: it takes the next ``seq`` from the metadata, XADDs the
@@ -32,10 +32,13 @@ raises :class:`~gathering_lab.exceptions.BackendUnavailable` at once, and a task
 Redis with exponential backoff (``backoff`` up to ``backoff_max`` seconds, with jitter)
 until it answers. Connections use TCP keepalive, a connect timeout and a command timeout,
 and redis-py's own retries are off (an append is not retried blindly: it might be added
-twice). A tail blocks in ``XREAD`` on its own connection for at most ``block`` seconds; a
-read that does not answer within ``block + timeout`` is a stalled listener: it is
-logged, counted (``tail_stalls``) and the tail reconnects and reads on from the last id
-it yielded, as it does after any lost connection (``tail_reconnects``).
+twice). An append whose connection broke is retried once, and the script looks for the
+first try's token before adding it again. A tail blocks in ``XREAD`` on its own
+connection for at most ``block`` seconds; a read that does not answer within
+``block + timeout`` is a stalled listener: it is logged, counted (``tail_stalls``) and
+the tail reconnects and reads on from the last id it yielded, as it does after any lost
+connection (``tail_reconnects``); either makes the node check Redis on its main
+connection (and turn degraded if it does not answer).
 """
 
 from __future__ import annotations
