@@ -210,7 +210,8 @@ class RedisLog(EventLog):
     ``maxlen`` caps the stream (approximately: ``MAXLEN ~`` trims whole nodes, so it may
     hold somewhat more). ``timeout`` bounds every command (and, beyond ``block``, a tail's
     read), ``connect_timeout`` a connection attempt; ``backoff``/``backoff_max`` pace the
-    reconnection attempts while degraded.
+    reconnection attempts while degraded. ``max_connections`` caps the connections appends
+    and reads use at once (more concurrent calls wait for one); each tail has its own.
     """
 
     scheme = "redis"
@@ -226,9 +227,12 @@ class RedisLog(EventLog):
         block: float = 2.0,
         backoff: float = 0.05,
         backoff_max: float = 2.0,
+        max_connections: int = 16,
     ) -> None:
         if not isinstance(maxlen, int) or isinstance(maxlen, bool) or maxlen < 1:
             raise ValueError(f"maxlen must be a positive integer, not {maxlen!r}")
+        if not isinstance(max_connections, int) or max_connections < 1:
+            raise ValueError(f"max_connections must be a positive integer, not {max_connections!r}")
         if not isinstance(name, str) or not name or "{" in name or "}" in name:
             raise ValueError(f"name must be a non-empty string without braces, not {name!r}")
         for label, value in (
@@ -244,6 +248,7 @@ class RedisLog(EventLog):
         self.where = _where(url)
         self.name = name
         self.maxlen = maxlen
+        self.max_connections = max_connections
         self.keys = [f"{{gathering-lab:{name}}}:stream", f"{{gathering-lab:{name}}}:meta"]
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -275,12 +280,15 @@ class RedisLog(EventLog):
 
     # -- connections -------------------------------------------------------------------
 
-    def _new_client(self, client_name: str) -> aioredis.Redis:
+    def _new_client(self, client_name: str, max_connections: int) -> aioredis.Redis:
         # No socket_timeout: redis-py then sends through asyncio.wait_for, which on
         # Python 3.11 can swallow a task's cancellation (a tail that never ends). Every
-        # call is bounded with asyncio.timeout here instead.
-        client: aioredis.Redis = aioredis.Redis.from_url(
+        # call is bounded with asyncio.timeout here instead. A blocking pool makes a burst
+        # of appends wait for a connection rather than fail with "Too many connections".
+        pool = aioredis.BlockingConnectionPool.from_url(
             self.url,
+            max_connections=max_connections,
+            timeout=None,
             client_name=client_name,
             socket_connect_timeout=self.connect_timeout,
             socket_keepalive=True,
@@ -290,13 +298,14 @@ class RedisLog(EventLog):
             decode_responses=False,
             protocol=2,
         )
+        client: aioredis.Redis = aioredis.Redis.from_pool(pool)
         return client
 
     async def connect(self) -> None:
         """Reach Redis and read the log's epoch; raise BackendUnavailable if it cannot."""
         if self._client is not None:
             return
-        client = self._new_client(f"gathering-lab:{self.name}")
+        client = self._new_client(f"gathering-lab:{self.name}", self.max_connections)
         self._append_script = client.register_script(APPEND_LUA)
         self._read_script = client.register_script(READ_LUA)
         self._client = client
@@ -547,7 +556,7 @@ class RedisLog(EventLog):
         """
         check_read_args(after_seq, 1)
         self._require_client()
-        client = self._new_client(f"gathering-lab-tail:{self.name}")
+        client = self._new_client(f"gathering-lab-tail:{self.name}", 1)
         task = asyncio.current_task()
         stream = self.keys[0]
         last = after_seq
