@@ -297,6 +297,14 @@ async def test_redis_connections_use_tcp_keepalive(redis_nodes: Nodes) -> None:
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 10
 
 
+async def test_a_burst_of_appends_waits_for_a_connection(redis_nodes: Nodes) -> None:
+    (log,) = await redis_nodes(max_connections=4)
+    results = await asyncio.gather(*[log.append(b"%d" % i) for i in range(200)])
+    assert sorted(seq for seq, _ in results) == list(range(1, 201))
+    assert log.health == "ok"
+    assert log.stats()["append_refused"] == 0  # type: ignore[attr-defined]
+
+
 async def test_flushall_changes_the_epoch_and_is_detected(
     redis_nodes: Nodes, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:
