@@ -254,6 +254,26 @@ def test_open_log_picks_a_backend_by_scheme() -> None:
         open_log("localhost:6379")
 
 
+def test_redis_is_imported_only_for_a_redis_url() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['redis'] = None\n"  # as if redis-py were not installed
+        "from gathering_lab.backends import open_log\n"
+        "open_log('memory://')\n"
+        "try:\n"
+        "    open_log('redis://127.0.0.1:6379/0')\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout(30)
+    )
+    assert out.returncode == 0, out.stderr
+    assert "pip install 'gathering-lab[redis]'" in out.stdout
+
+
 async def test_memory_logs_are_private_unless_named() -> None:
     a, b = open_log("memory://"), open_log("memory://")
     c, d = open_log("memory://shared-test"), open_log("memory://shared-test")
