@@ -358,7 +358,7 @@ class RedisLog(EventLog):
             )
 
     async def close(self) -> None:
-        """Stop reconnecting and close the connections; open tails end."""
+        """Stop reconnecting and close the connections; open tails end within ``block``."""
         self._health = "closed"
         for task in (self._reconnector, self._prober):
             if task is not None:
