@@ -8,6 +8,7 @@ on purpose::
     ├── AuthError              a token is missing, malformed, expired or lacks a role
     ├── ServerError
     │   └── PortInUseError     the requested port is already bound (also an OSError)
+    ├── BackendUnavailable     the event log's backend (Redis) cannot be reached now
     └── ClientError
         └── ConnectionFailed   a client could not reach or keep its server
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 __all__ = [
     "AuthError",
+    "BackendUnavailable",
     "ClientError",
     "ConnectionFailed",
     "GatheringLabError",
@@ -72,6 +74,15 @@ class PortInUseError(ServerError, OSError):
         )
         self.host = host
         self.port = port
+
+
+class BackendUnavailable(GatheringLabError):
+    """The event log's backend (e.g. Redis) cannot be reached right now.
+
+    Nothing was acknowledged: an append that raises this may be missing from the log
+    (or, if the connection broke mid-command, be in it without an acknowledgement).
+    The backend keeps reconnecting; a later call may succeed.
+    """
 
 
 class ClientError(GatheringLabError):

@@ -13,13 +13,15 @@ Hypothesis profiles (``HYPOTHESIS_PROFILE=dev pytest ...`` to pick one):
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+import shutil
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 from hypothesis import settings
 
 from gathering_lab.events import EventBus
-from gathering_lab.testing import running_server
+from gathering_lab.testing import RedisServer, running_redis, running_server
 from gathering_lab.websocket import ConnectionManager, Server
 
 settings.register_profile(
@@ -59,3 +61,12 @@ def _close_widgets_before_exit() -> object:
     widgets = sys.modules.get("ipywidgets")
     if widgets is not None:
         widgets.Widget.close_all()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, its append-only file in ``tmp_path``."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does)")
+    with running_redis(tmp_path / "redis") as server:
+        yield server

@@ -7,6 +7,9 @@ import importlib
 import gathering_lab
 
 MODULES = [
+    "backends",
+    "backends.memory",
+    "backends.redis",
     "client",
     "events",
     "exceptions",
