@@ -831,6 +831,14 @@ def _add_load_parser(commands: Any) -> None:
         help=f"publisher connections (default: one per {DEFAULT_PUBLISHER_RATE:g} ev/s)",
     )
     load.add_argument(
+        "--drain",
+        type=_duration,
+        default=5.0,
+        metavar="S",
+        help="after publishing, wait up to this long for deliveries still in flight; what "
+        "has not arrived by then counts as lost (default 5)",
+    )
+    load.add_argument(
         "--out",
         metavar="FILE",
         help="write every delivery (client, seq, received_s, "
@@ -855,6 +863,7 @@ def _load(args: argparse.Namespace) -> int:
         processes=args.processes,
         publishers=args.publishers,
         event_type=args.event_type,
+        drain=args.drain,
     )
     try:
         config.check()

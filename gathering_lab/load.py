@@ -895,15 +895,18 @@ class LoadReport:
             ("events", f"{s['events_sent']} sent, {s['publish_refused']} refused"),
             ("deliveries", f"{s['deliveries']} of {s['expected_deliveries']}"),
             ("deliveries/s", f"{s['deliveries_per_s']:,.0f}"),
-            ("lost", f"{s['lost']} ({s['loss_pct']:.2f} %)"),
+            ("lost", f"{s['lost']} ({s['loss_pct']:.2f} %) not delivered {s['drain_s']:g} s "
+             "after publishing ended"),
             ("duplicates", str(s["duplicates"])),
             ("reordered", str(s["reordered"])),
             ("latency p50/p99/max", _ms(s, "latency")),
             ("connect p50/p99/max", _ms(s, "connect")),
             ("connect failures", str(s["connect_failed"])),
             ("server", _server_line(s)),
-            ("generator CPU", f"{s['generator_cpu_pct']:.0f} % busiest process, "
+            ("generator CPU", f"{s['generator_cpu_pct']:.0f} % of a core (busiest process), "
              f"{s['generator_cpu_total_pct']:.0f} % in all"),
+            ("machine CPU", f"{s['machine_cpu_pct']:.0f} % of {s['machine_cpus'] * 100} % "
+             "(server, generator and everything else)"),
         ]  # fmt: skip
         if s["close_codes"]:
             rows.append(("close codes", s["close_codes"]))
@@ -938,7 +941,7 @@ def _server_line(s: dict[str, Any]) -> str:
         return "not on this machine (or not visible): no RSS or CPU"
     return (
         f"pid {s['server_pid']}: RSS {s['server_rss_idle_mib']:.0f} MiB connected, "
-        f"{s['server_rss_end_mib']:.0f} MiB at the end; CPU {s['server_cpu_pct']:.0f} %"
+        f"{s['server_rss_end_mib']:.0f} MiB at the end; CPU {s['server_cpu_pct']:.0f} % of a core"
     )
 
 
@@ -1193,6 +1196,7 @@ async def run_load(config: LoadConfig, *, progress: Callable[..., Any] | None = 
         cpu_server0 = _cpu(server)
         for w in workers:
             w.cpu0 = w.cpu()
+        box0 = _box_busy()
         own0, t0, t0_ns = clock(), time.perf_counter(), time.time_ns()
         start = loop.time() + 0.05
         for index, pub in enumerate(publishers):
@@ -1255,6 +1259,7 @@ async def run_load(config: LoadConfig, *, progress: Callable[..., Any] | None = 
             await asyncio.sleep(0.1)  # a last refusal or duplicate
         t1 = time.perf_counter()
         own = clock() - own0
+        box1 = _box_busy()
         cpu_server = _cpu(server) - cpu_server0
         worker_cpu = [w.cpu() - w.cpu0 for w in workers]
         rss_end = _rss(server)
@@ -1336,14 +1341,30 @@ async def run_load(config: LoadConfig, *, progress: Callable[..., Any] | None = 
         "generator_cpu_pct": busiest,
         "generator_cpu_total_pct": 100 * (sum(worker_cpu) + own) / wall,
         "generator_saturated": busiest >= LOADGEN_BOUND_PCT,
+        "machine_cpu_pct": 100 * (box1 - box0) / wall if box0 >= 0 else float("nan"),
+        "machine_cpus": os.cpu_count() or 1,
         "close_codes": ", ".join(f"{k}: {v}" for k, v in sorted(close_codes.items())),
         "errors": error_count,
         "first_error": errors[0] if errors else "",
+        "drain_s": float(cfg.drain),
         "wall_s": wall,
     }
     if summary["generator_saturated"]:
         logger.warning("load generator saturated: %.0f %% of a core", busiest)
     return LoadReport(summary, client, seq, received_s, latency_ms, connect_ms)
+
+
+def _box_busy() -> float:
+    """CPU seconds the whole machine has been busy (all CPUs), or -1 without psutil."""
+    try:
+        import psutil
+    except ImportError:
+        return -1.0
+    t = psutil.cpu_times()
+    return float(
+        t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
+        + getattr(t, "steal", 0.0)
+    )  # fmt: skip
 
 
 def _process(pid: int | None) -> Any:
