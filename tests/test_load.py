@@ -200,3 +200,16 @@ def test_load_test_is_exported_lazily() -> None:
     )
     assert "load_test" in gl.__all__ and "load_test_async" in gl.__all__
     assert done.stdout.strip() == "False"  # loading the tool does not load pandas yet
+
+
+async def test_a_server_on_the_callers_loop_needs_the_awaitable(tmp_path: Path) -> None:
+    # A lab started in a kernel serves on the kernel's loop: load_test would block it.
+    from gathering_lab.testing import running_server
+
+    async with running_server() as server:
+        with pytest.raises(RuntimeError, match="load_test_async"):
+            gl.load_test(server.url, clients=1, duration=0.1, progress=False)
+        df = await gl.load_test_async(server.url, clients=50, rate=20, duration=0.5, progress=False)
+    s = df.iloc[0]
+    assert s["server_pid"] == os.getpid()
+    assert s["deliveries"] == s["expected_deliveries"] == 50 * 10 and s["lost"] == 0
