@@ -213,3 +213,19 @@ async def test_a_server_on_the_callers_loop_needs_the_awaitable(tmp_path: Path) 
     s = df.iloc[0]
     assert s["server_pid"] == os.getpid()
     assert s["deliveries"] == s["expected_deliveries"] == 50 * 10 and s["lost"] == 0
+
+
+async def test_a_token_is_sent_by_every_client() -> None:
+    from gathering_lab.auth import JWTAuth, mint_token
+    from gathering_lab.testing import running_server
+
+    secret = "load-test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
+    async with running_server(auth=JWTAuth(secret, timeout=timeout(0.5))) as server:
+        granted = mint_token(secret, "load", ["subscribe", "publish"])
+        df = await gl.load_test_async(
+            server.url, clients=20, rate=20, duration=0.5, token=granted, progress=False
+        )
+        assert df.iloc[0]["deliveries"] == df.iloc[0]["expected_deliveries"] == 20 * 10
+        refused = await gl.load_test_async(server.url, clients=5, duration=0.2, progress=False)
+    assert refused.iloc[0]["connected"] == 0 and refused.iloc[0]["connect_failed"] == 5
+    assert "closed with 1008" in refused.iloc[0]["first_error"]
