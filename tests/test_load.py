@@ -100,6 +100,13 @@ def test_load_test_100_clients_every_event_once_in_order(
     written = pd.read_parquet(out)
     assert list(written.columns) == ["client", "seq", "received_s", "latency_ms"]
     assert len(written) == 4000
+    # The summary table flags a saturated generator (this run's figures, as if it were).
+    from gathering_lab.load import LoadReport
+
+    saturated = {**s.to_dict(), "generator_saturated": True, "generator_cpu_pct": 97.0}
+    table = LoadReport(saturated, [], [], [], [], []).table()
+    assert "warning: the load generator was saturated (97 % of a core >= 90 %)" in table
+    assert "warning" not in LoadReport(s.to_dict(), [], [], [], [], []).table()
 
 
 def test_cli_two_processes_csv_and_summary(
