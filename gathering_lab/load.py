@@ -1488,7 +1488,9 @@ def load_test(
     has one row per delivery and ``df.attrs["connects"]`` one per connected client.
 
     Raises ValueError naming a bad argument. When the server runs on the caller's own
-    running loop (a lab started in this kernel), use ``await load_test_async(...)``.
+    running loop (a lab started in this kernel), use ``await load_test_async(...)``. The
+    subscribers run in spawned processes, so a script calls this under
+    ``if __name__ == "__main__":`` (notebooks and the CLI need nothing).
     """
     kwargs = dict(
         clients=clients,
