@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .client import LabClient, connect
     from .frame import EventFrame
     from .kernel import Lab, start, stop
+    from .load import load_test, load_test_async
     from .widgets.workbench import workbench
 
 _LAZY = {
@@ -37,6 +38,8 @@ _LAZY = {
     "start": "kernel",
     "stop": "kernel",
     "workbench": "widgets",
+    "load_test": "load",
+    "load_test_async": "load",
 }
 
 
@@ -71,6 +74,8 @@ __all__ = [
     "connect",
     "event_bus",
     "get_connection_manager",
+    "load_test",
+    "load_test_async",
     "serve",
     "start",
     "stop",

@@ -1,4 +1,4 @@
-"""The ``gathering-lab`` command: ``serve``, ``demo``, ``listen`` and ``token``.
+"""The ``gathering-lab`` command: ``serve``, ``demo``, ``listen``, ``token``, ``load`` ...
 
 This is the only module that calls :func:`asyncio.run` and prints to the terminal.
 """
@@ -763,6 +763,136 @@ async def _replay(args: argparse.Namespace) -> int:
     return 0 if result.published == result.total else 1
 
 
+# load
+def _duration(text: str) -> float:
+    value = _seconds(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be > 0")
+    return value
+
+
+def _add_load_parser(commands: Any) -> None:
+    from .load import DEFAULT_PUBLISHER_RATE
+
+    load = commands.add_parser(
+        "load",
+        help="load-test a server: N clients, a publish rate, a summary",
+        description="Connect N thin WebSocket clients (in --processes worker processes), "
+        "publish --rate events/s in all for --duration from a few publisher connections, "
+        "then print deliveries/s, loss, duplicates, reordering, latency and connect time, "
+        "the server's RSS and CPU when it runs on this machine, and the load generator's own "
+        "CPU (flagged at 90%% of a core: then the figures measure the generator). Works "
+        "against any server speaking the protocol. Exit status 1 if anything was lost, "
+        "duplicated or refused, 2 for bad arguments.",
+    )
+    load.add_argument(
+        "--url", type=ws_url, default=DEFAULT_URL, help=f"server WebSocket URL ({DEFAULT_URL})"
+    )
+    load.add_argument(
+        "--clients", type=_positive_int, default=100, metavar="N", help="subscribers (100)"
+    )
+    load.add_argument(
+        "--rate",
+        type=_rate,
+        default=0.0,
+        metavar="R",
+        help=f"events/s in all (default 0: the clients stay idle), spread over publisher "
+        f"connections of at most {DEFAULT_PUBLISHER_RATE:g}/s each: our server refuses more "
+        "than --publish-rate (500/s by default) per connection",
+    )
+    load.add_argument(
+        "--duration",
+        type=_duration,
+        default=10.0,
+        metavar="S",
+        help="seconds of publishing (or idling): 10, 30s, 2m (default 10)",
+    )
+    load.add_argument(
+        "--payload-bytes",
+        type=_limit,
+        default=200,
+        metavar="B",
+        help="size of each event's data (200)",
+    )
+    load.add_argument(
+        "--type",
+        dest="types",
+        action="append",
+        type=_pattern,
+        metavar="PATTERN",
+        help="subscribe every client to these event types (repeatable); the load's events "
+        "are of --event-type",
+    )
+    load.add_argument(
+        "--event-type",
+        type=_pattern,
+        default="task.created",
+        help="type of the events (task.created)",
+    )
+    load.add_argument(
+        "--processes",
+        type=_positive_int,
+        default=None,
+        metavar="P",
+        help="subscriber processes (default: one per 2500 clients, at most one per CPU)",
+    )
+    load.add_argument(
+        "--publishers",
+        type=_limit,
+        default=None,
+        metavar="N",
+        help=f"publisher connections (default: one per {DEFAULT_PUBLISHER_RATE:g} ev/s)",
+    )
+    load.add_argument(
+        "--drain",
+        type=_duration,
+        default=5.0,
+        metavar="S",
+        help="after publishing, wait up to this long for deliveries still in flight; what "
+        "has not arrived by then counts as lost (default 5)",
+    )
+    load.add_argument(
+        "--out",
+        metavar="FILE",
+        help="write every delivery (client, seq, received_s, "
+        "latency_ms) to FILE: *.parquet or *.csv",
+    )
+    _add_token_argument(load)
+    _add_log_level(load, default="warning")
+
+
+def _load(args: argparse.Namespace) -> int:
+    """Run ``gathering-lab load``: progress bars on stderr, the summary table on stdout."""
+    from .load import LoadConfig, check_samples_path, run_load
+
+    config = LoadConfig(
+        url=args.url,
+        clients=args.clients,
+        rate=args.rate,
+        duration=args.duration,
+        payload_bytes=args.payload_bytes,
+        types=tuple(args.types or ()),
+        token=args.token or os.environ.get(TOKEN_ENV),
+        processes=args.processes,
+        publishers=args.publishers,
+        event_type=args.event_type,
+        drain=args.drain,
+    )
+    try:
+        config.check()
+        if args.out is not None:
+            check_samples_path(args.out)
+        report = asyncio.run(run_load(config, progress=_tqdm))
+        if args.out is not None:
+            report.write_samples(args.out)
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"gathering-lab load: error: {exc}", file=sys.stderr)
+        return 2
+    print(report.table(), flush=True)
+    s = report.summary
+    return 1 if s["lost"] or s["duplicates"] or s["publish_refused"] or s["connect_failed"] else 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gathering-lab",
@@ -858,6 +988,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_token_parser(commands)
     _add_record_parser(commands)
     _add_replay_parser(commands)
+    _add_load_parser(commands)
     return parser
 
 
@@ -1058,6 +1189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_record(args))
         if args.command == "replay":
             return asyncio.run(_replay(args))
+        if args.command == "load":
+            return _load(args)
     except GatheringLabError as exc:
         print(f"gathering-lab {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -15,6 +15,7 @@ MODULES = [
     "exceptions",
     "frame",
     "kernel",
+    "load",
     "protocol",
     "testing",
     "websocket",
@@ -29,7 +30,16 @@ def test_every_public_name_resolves() -> None:
 
 def test_top_level_names_come_from_submodules() -> None:
     exported: set[str] = set()
-    for module in ("events", "exceptions", "websocket", "frame", "client", "kernel", "widgets"):
+    for module in (
+        "events",
+        "exceptions",
+        "websocket",
+        "frame",
+        "client",
+        "kernel",
+        "widgets",
+        "load",
+    ):
         exported.update(importlib.import_module(f"gathering_lab.{module}").__all__)
     missing = set(gathering_lab.__all__) - exported - {"__version__"}
     assert not missing, f"top-level names not exported by a submodule: {missing}"

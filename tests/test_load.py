@@ -1,0 +1,238 @@
+"""``gathering-lab load`` and ``gl.load_test``, against real servers on 127.0.0.1 (no mocks).
+
+Each server is a ``gathering-lab serve`` subprocess on a free loopback port, so the load
+test finds its pid from the port and reports its RSS and CPU; the subscribers run in
+worker processes of their own, as they do for a user.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import gathering_lab as gl
+from gathering_lab.testing import free_port, timeout
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _serve(*extra: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gathering_lab", "serve", "--port", str(port), "--log-level",
+         "warning", *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + timeout(20)
+        while True:
+            assert process.poll() is None, "the server exited at start-up"
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not listen in time"
+                time.sleep(0.05)
+        yield f"ws://127.0.0.1:{port}/ws/dashboard", process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Our server, with the admission limits off as a load test needs."""
+    yield from _serve("--max-connections-per-ip", "0", "--publish-rate", "0")
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gathering_lab", "load", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout(60),
+        check=False,
+    )
+
+
+def test_load_test_100_clients_every_event_once_in_order(
+    lab: tuple[str, subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    url, server = lab
+    out = tmp_path / "samples.parquet"
+    df = gl.load_test(url, clients=100, rate=40, duration=1, progress=False, out=str(out))
+    assert isinstance(df, pd.DataFrame) and len(df) == 1
+    s = df.iloc[0]
+    assert s["connected"] == 100 and s["connect_failed"] == 0
+    assert s["events_sent"] == 40 and s["publish_refused"] == 0
+    assert s["deliveries"] == s["expected_deliveries"] == 100 * 40
+    assert s["lost"] == 0 and s["duplicates"] == 0 and s["reordered"] == 0
+    assert 0 < s["latency_p50_ms"] <= s["latency_p99_ms"] <= s["latency_max_ms"]
+    assert 0 < s["connect_p50_ms"] <= s["connect_p99_ms"] <= s["connect_max_ms"]
+    assert s["deliveries_per_s"] > 0
+    # The server is local: found from its port, measured.
+    assert s["server_pid"] == server.pid
+    assert s["server_rss_idle_mib"] > 1 and s["server_cpu_pct"] >= 0
+    assert 0 <= s["generator_cpu_pct"] <= s["generator_cpu_total_pct"]
+    assert not s["generator_saturated"]
+    # Every sample: each client got each seq exactly once.
+    samples = df.attrs["samples"]
+    assert len(samples) == 4000
+    per_client = samples.groupby("client")["seq"].agg(["count", "nunique", "min", "max"])
+    assert len(per_client) == 100
+    assert (per_client["count"] == 40).all() and (per_client["nunique"] == 40).all()
+    assert (per_client["min"] == 0).all() and (per_client["max"] == 39).all()
+    assert (samples["latency_ms"] > 0).all()
+    assert len(df.attrs["connects"]) == 100
+    written = pd.read_parquet(out)
+    assert list(written.columns) == ["client", "seq", "received_s", "latency_ms"]
+    assert len(written) == 4000
+    # The summary table flags a saturated generator (this run's figures, as if it were).
+    from gathering_lab.load import LoadReport
+
+    saturated = {**s.to_dict(), "generator_saturated": True, "generator_cpu_pct": 97.0}
+    table = LoadReport(saturated, [], [], [], [], []).table()
+    assert "warning: the load generator was saturated (97 % of a core >= 90 %)" in table
+    assert "warning" not in LoadReport(s.to_dict(), [], [], [], [], []).table()
+
+
+def test_cli_two_processes_csv_and_summary(
+    lab: tuple[str, subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    url, _ = lab
+    out = tmp_path / "samples.csv"
+    done = _cli(
+        "--url", url, "--clients", "100", "--rate", "30", "--duration", "1",
+        "--processes", "2", "--out", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    table = done.stdout
+    assert "100 of 100 connected (2 proc)" in table
+    assert "deliveries           3000 of 3000" in table
+    assert "lost                 0 (0.00 %) not delivered 5 s after" in table
+    assert "generator CPU" in table and "server               pid" in table
+    samples = pd.read_csv(out)
+    assert len(samples) == 3000
+    assert sorted(samples["client"].unique()) == list(range(100))  # both processes' clients
+
+
+def test_filters_decide_what_is_expected(lab: tuple[str, subprocess.Popen[bytes]]) -> None:
+    url, _ = lab
+    other = gl.load_test(
+        url, clients=20, rate=20, duration=0.5, types=["agent.*"], drain=1, progress=False
+    )
+    assert other.iloc[0]["connected"] == 20
+    assert other.iloc[0]["events_sent"] == 10
+    assert other.iloc[0]["expected_deliveries"] == 0 and other.iloc[0]["deliveries"] == 0
+    mine = gl.load_test(url, clients=20, rate=20, duration=0.5, types="task.*", progress=False)
+    assert mine.iloc[0]["deliveries"] == mine.iloc[0]["expected_deliveries"] == 200
+
+
+def test_refused_publishes_are_reported_not_counted_as_loss() -> None:
+    for url, _ in _serve("--publish-rate", "20", "--publish-burst", "5"):
+        done = _cli("--url", url, "--clients", "10", "--rate", "100", "--duration", "0.5")
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert "warning: the server refused" in done.stdout
+        assert "rate_limited" in done.stdout and "--publish-rate" in done.stdout
+        assert "lost                 0 (0.00 %)" in done.stdout
+
+
+def test_no_server_counts_every_client_as_failed() -> None:
+    url = f"ws://127.0.0.1:{free_port()}/ws/dashboard"
+    df = gl.load_test(url, clients=5, duration=0.2, progress=False)
+    s = df.iloc[0]
+    assert s["connected"] == 0 and s["connect_failed"] == 5
+    assert "connect failed" in s["first_error"]
+    assert s["server_pid"] is None or pd.isna(s["server_pid"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--clients", "0"], "invalid count 0"),
+        (["--rate", "-1"], "invalid rate '-1'"),
+        (["--duration", "0"], "duration must be positive, not '0'"),
+        (["--url", "http://127.0.0.1:1/"], "http://127.0.0.1:1/"),
+        (["--type", "Task"], "invalid event type pattern 'Task'"),
+        (["--out", "samples.txt"], "invalid output file 'samples.txt'"),
+        (["--processes", "5", "--clients", "2"], "invalid processes 5"),
+    ],
+)
+def test_cli_bad_arguments_are_one_line(args: list[str], message: str) -> None:
+    done = _cli("--url", f"ws://127.0.0.1:{free_port()}/ws/dashboard", *args)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert message in lines[-1], done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"clients": 0}, "invalid clients 0"),
+        ({"clients": True}, "invalid clients True"),
+        ({"rate": float("nan")}, "invalid rate nan"),
+        ({"duration": -1}, "invalid duration -1"),
+        ({"types": ["no spaces"]}, "invalid event type pattern 'no spaces'"),
+        ({"out": "x.json"}, "invalid output file 'x.json'"),
+    ],
+)
+def test_load_test_bad_arguments_raise_before_connecting(
+    options: dict[str, object], message: str
+) -> None:
+    url = f"ws://127.0.0.1:{free_port()}/ws/dashboard"
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        gl.load_test(url, progress=False, **options)  # type: ignore[arg-type]
+
+
+def test_load_test_is_exported_lazily() -> None:
+    code = "import sys, gathering_lab as gl; gl.load_test; print('pandas' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert "load_test" in gl.__all__ and "load_test_async" in gl.__all__
+    assert done.stdout.strip() == "False"  # loading the tool does not load pandas yet
+
+
+async def test_a_server_on_the_callers_loop_needs_the_awaitable(tmp_path: Path) -> None:
+    # A lab started in a kernel serves on the kernel's loop: load_test would block it.
+    from gathering_lab.testing import running_server
+
+    async with running_server() as server:
+        with pytest.raises(RuntimeError, match="load_test_async"):
+            gl.load_test(server.url, clients=1, duration=0.1, progress=False)
+        df = await gl.load_test_async(server.url, clients=50, rate=20, duration=0.5, progress=False)
+    s = df.iloc[0]
+    assert s["server_pid"] == os.getpid()
+    assert s["deliveries"] == s["expected_deliveries"] == 50 * 10 and s["lost"] == 0
+
+
+async def test_a_token_is_sent_by_every_client() -> None:
+    from gathering_lab.auth import JWTAuth, mint_token
+    from gathering_lab.testing import running_server
+
+    secret = "load-test-secret-0123456789-abcdefghijklmnopqrstuvwxyz"
+    async with running_server(auth=JWTAuth(secret, timeout=timeout(0.5))) as server:
+        granted = mint_token(secret, "load", ["subscribe", "publish"])
+        df = await gl.load_test_async(
+            server.url, clients=20, rate=20, duration=0.5, token=granted, progress=False
+        )
+        assert df.iloc[0]["deliveries"] == df.iloc[0]["expected_deliveries"] == 20 * 10
+        refused = await gl.load_test_async(server.url, clients=5, duration=0.2, progress=False)
+    assert refused.iloc[0]["connected"] == 0 and refused.iloc[0]["connect_failed"] == 5
+    assert "closed with 1008" in refused.iloc[0]["first_error"]
