@@ -10,6 +10,7 @@ from traitlets import dlink
 from ..client import LabClient
 from ..kernel import Lab
 from .controller import Controller
+from .grid import ExportPanel, LiveGrid, RateChart
 from .live import DEFAULT_NOTIFY, LiveLog, Notifications
 from .panels import ConnectPanel, FilterPanel, PublishPanel, StatsPanel
 
@@ -17,7 +18,11 @@ __all__ = ["Workbench", "workbench"]
 
 
 class Workbench(widgets.VBox):
-    """Connect · notifications · (publish | filter | server stats) · live log.
+    """Connect · notifications · (publish | filter | server stats) · live chart and grid.
+
+    The live part: events/s by type (``chart``), a sortable grid of the latest events
+    (``grid``, filtered like the Filter tab says), export buttons (``export``) and the same
+    events as text (``live_log``, folded).
 
     ``close()`` stops the redraws and closes every panel (the lab keeps running).
     """
@@ -29,6 +34,9 @@ class Workbench(widgets.VBox):
         client_id: str = "workbench",
         notify: list[str] | tuple[str, ...] = DEFAULT_NOTIFY,
         rows: int = 20,
+        grid_rows: int = 500,
+        window: int = 60,
+        export_dir: str = ".",
         connect: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -42,7 +50,12 @@ class Workbench(widgets.VBox):
         self.filter_panel = FilterPanel(controller)
         self.stats_panel = StatsPanel(controller)
         self.live_log = LiveLog(controller, rows=rows)
+        self.chart = RateChart(controller, window=window)
+        self.grid = LiveGrid(controller, rows=grid_rows)
+        self.export = ExportPanel(controller, directory=export_dir)
         self._link = dlink((self.filter_panel, "filters"), (self.live_log, "filters"))
+        self._grid_link = dlink((self.filter_panel, "filters"), (self.grid, "filters"))
+        self.log_box = widgets.Accordion(children=[self.live_log], titles=("Events as text",))
         self.tabs = widgets.Tab(
             children=[self.publish_panel, self.filter_panel, self.stats_panel],
             titles=("Publish", "Filter", "Server stats"),
@@ -55,7 +68,10 @@ class Workbench(widgets.VBox):
             self.notifications,
             self.tabs,
             self.live_title,
-            self.live_log,
+            self.chart,
+            self.grid,
+            self.export,
+            self.log_box,
         ]
         if connect and controller.client is None and controller.lab is not None:
             # Await-free: the connection is made on the lab's loop; the status label follows.
@@ -70,6 +86,9 @@ class Workbench(widgets.VBox):
             self.publish_panel,
             self.filter_panel,
             self.stats_panel,
+            self.chart,
+            self.grid,
+            self.export,
             self.live_log,
         ]
 
@@ -79,20 +98,23 @@ class Workbench(widgets.VBox):
         if link is not None:  # fully built and not closed yet
             self._link = None
             link.unlink()
+            self._grid_link.unlink()
             for panel in self.panels:
                 panel.close()
             self.controller.close()
-            for part in (self.tabs, self.title, self.live_title):
+            for part in (self.tabs, self.title, self.live_title, self.log_box):
                 part.close()
         super().close()
 
 
 def workbench(lab_or_client: Lab | LabClient | None = None, **options: Any) -> Workbench:
-    """Every panel in one widget: connect, notifications, publish, filter, stats, live log.
+    """Every panel in one widget: connect, notifications, publish, filter, stats, live views.
 
     With a :class:`~gathering_lab.kernel.Lab` (default: the one ``gl.start()`` returned)
     it connects a client named ``workbench`` for you, on the lab's loop, without waiting.
     With a :class:`~gathering_lab.client.LabClient` it shows and drives that client.
-    Options: ``client_id``, ``notify`` (type patterns), ``rows``, ``connect``.
+    Options: ``client_id``, ``notify`` (type patterns), ``rows`` (text log),
+    ``grid_rows`` (events the grid keeps), ``window`` (seconds the chart shows),
+    ``export_dir`` (where Export writes), ``connect``.
     """
     return Workbench(lab_or_client, **options)
