@@ -623,7 +623,7 @@ async def test_stats_panel_asks_a_remote_server_over_http(
 async def test_workbench_connects_publishes_and_shows(
     lab: gl.Lab, bus: EventBus, closing: Callable[..., Any]
 ) -> None:
-    wb = closing(gl.workbench(lab, notify=["task.failed"]))
+    wb = closing(gl.workbench(lab, notify=["task.failed"], live_views=True))
     assert isinstance(wb, Workbench)
     await wait_for(lambda: wb.connect_panel.status == "connected")
     assert wb.tabs.titles == ("Publish", "Filter", "Server stats")
@@ -638,14 +638,15 @@ async def test_workbench_connects_publishes_and_shows(
     await wait_for(lambda: wb.notifications.count == 1)
     assert "timeout" in wb.notifications.banner.value
 
-    await wait_for(lambda: wb.grid.total == 1)
+    assert wb.grid is not None and wb.chart is not None
+    await wait_for(lambda: wb.grid is not None and wb.grid.total == 1)
     assert wb.grid.shown().loc[0, "type"] == "task.failed"
     await wait_for(lambda: "task.failed" in wb.chart.rates().columns)
 
     wb.filter_panel.types_input.value = "agent.*"  # linked to the live log and the grid
     assert wb.live_log.filters == Filters(("agent.*",)) == wb.grid.filters
     await wait_for(lambda: wb.live_log.total == 0)
-    await wait_for(lambda: wb.grid.total == 0)
+    await wait_for(lambda: wb.grid is not None and wb.grid.total == 0)
     wb.stats_panel.refresh()
     await wait_for(lambda: wb.stats_panel.stats.get("active_connections") == 1)
 
@@ -661,6 +662,7 @@ async def test_workbench_over_a_client(lab: gl.Lab, closing: Callable[..., Any])
     client = await lab.connect("mine")
     wb = closing(gl.workbench(client))
     assert wb.controller.client is client and wb.controller.lab is None
+    assert wb.grid is None and wb.chart is None  # opt-in
     assert wb.connect_panel.status == "connected"
     assert wb.connect_panel.client_id_input.value == "mine"
     lab.bus.publish_nowait(Event(type="circle.created", data={"name": "c"}))

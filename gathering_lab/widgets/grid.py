@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import ipywidgets as widgets
 import pandas as pd
 import perspective
+import perspective.widget
 from perspective.widget import PerspectiveWidget
 from traitlets import Instance, Int, TraitError, Unicode, observe, validate
 
@@ -56,6 +57,46 @@ _RATE_SCHEMA = {"key": "string", "second": "datetime", "type": "string", "events
 _EPOCH = pd.Timestamp(0, tz="UTC")
 #: File formats the export button writes (Parquet needs pyarrow).
 EXPORT_FORMATS = ("csv", "parquet")
+
+
+# anywidget imports a widget's ES module once per widget (from a blob URL, never cached), and
+# Perspective's bundle defines custom elements (``regular-layout``) without checking that they
+# exist: a second Perspective widget on the page then fails to render. Defining an element
+# that is already defined is made a no-op (same name, same behaviour) before the bundle runs.
+_DEFINE_ONCE = """\
+if (!customElements.__gatheringDefineOnce) {
+  const define = customElements.define.bind(customElements);
+  customElements.define = (name, ctor, options) =>
+    customElements.get(name) ? undefined : define(name, ctor, options);
+  customElements.__gatheringDefineOnce = true;
+}
+"""
+
+
+_BUNDLE = Path(perspective.widget.__file__).parent / "static"
+
+
+class _Widget(PerspectiveWidget):
+    """PerspectiveWidget whose bundle can be loaded several times on one page."""
+
+    _esm = _DEFINE_ONCE + (_BUNDLE / "perspective-anywidget.js").read_text(encoding="utf-8")
+
+    def __init__(self, table: Any, *, loop: asyncio.AbstractEventLoop, **config: Any) -> None:
+        self._loop = loop
+        super().__init__(table, **config)
+
+    def handle_message(self, widget: Any, content: Any, buffers: Any) -> None:
+        """Answer the viewer's requests on the lab's loop (comm messages may arrive on a
+        kernel subshell thread, where Perspective's own ``create_task`` would not run)."""
+        if isinstance(content, dict) and content.get("type") == "binary_msg":
+            session = self._sessions.get(content.get("client_id"))
+            if session is None:
+                logger.error("perspective: no session for %r", content.get("client_id"))
+                return
+            message = bytes(buffers[0])
+            self._loop.call_soon_threadsafe(session.handle_request, message)
+            return
+        super().handle_message(widget, content, buffers)
 
 
 def _server() -> Any:
@@ -92,9 +133,9 @@ class _PerspectivePanel(Panel):
 
     renders = Int(0, help="how many times the table was updated (one per tick with new rows)")
 
-    def _make_widget(self, table: Any, height: str, **config: Any) -> PerspectiveWidget:
-        widget = PerspectiveWidget(table, settings=False, **config)
-        widget.layout = widgets.Layout(height=height, width="100%")
+    def _make_widget(self, table: Any, height: str, **config: Any) -> _Widget:
+        widget = _Widget(table, loop=self.controller.loop, settings=False, **config)
+        widget.layout.min_height = height
         self._own(widget)
         return widget
 

@@ -20,9 +20,9 @@ __all__ = ["Workbench", "workbench"]
 class Workbench(widgets.VBox):
     """Connect · notifications · (publish | filter | server stats) · live chart and grid.
 
-    The live part: events/s by type (``chart``), a sortable grid of the latest events
-    (``grid``, filtered like the Filter tab says), export buttons (``export``) and the same
-    events as text (``live_log``, folded).
+    The live part: the latest events as text (``live_log``) and export buttons
+    (``export``); with ``live_views=True`` also events/s by type (``chart``) and a
+    sortable grid of the latest events (``grid``, filtered like the Filter tab says).
 
     ``close()`` stops the redraws and closes every panel (the lab keeps running).
     """
@@ -37,6 +37,7 @@ class Workbench(widgets.VBox):
         grid_rows: int = 500,
         window: int = 60,
         export_dir: str = ".",
+        live_views: bool = False,
         connect: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -50,12 +51,17 @@ class Workbench(widgets.VBox):
         self.filter_panel = FilterPanel(controller)
         self.stats_panel = StatsPanel(controller)
         self.live_log = LiveLog(controller, rows=rows)
-        self.chart = RateChart(controller, window=window)
-        self.grid = LiveGrid(controller, rows=grid_rows)
+        self.chart: RateChart | None = None
+        self.grid: LiveGrid | None = None
+        self._grid_link: dlink | None = None
+        live: list[widgets.Widget] = []
+        if live_views:  # opt-in: see docs/design-notes.md (blank in JupyterLab 4.6 so far)
+            self.chart = RateChart(controller, window=window)
+            self.grid = LiveGrid(controller, rows=grid_rows)
+            self._grid_link = dlink((self.filter_panel, "filters"), (self.grid, "filters"))
+            live = [self.chart, self.grid]
         self.export = ExportPanel(controller, directory=export_dir)
         self._link = dlink((self.filter_panel, "filters"), (self.live_log, "filters"))
-        self._grid_link = dlink((self.filter_panel, "filters"), (self.grid, "filters"))
-        self.log_box = widgets.Accordion(children=[self.live_log], titles=("Events as text",))
         self.tabs = widgets.Tab(
             children=[self.publish_panel, self.filter_panel, self.stats_panel],
             titles=("Publish", "Filter", "Server stats"),
@@ -68,10 +74,9 @@ class Workbench(widgets.VBox):
             self.notifications,
             self.tabs,
             self.live_title,
-            self.chart,
-            self.grid,
+            *live,
+            self.live_log,
             self.export,
-            self.log_box,
         ]
         if connect and controller.client is None and controller.lab is not None:
             # Await-free: the connection is made on the lab's loop; the status label follows.
@@ -86,10 +91,9 @@ class Workbench(widgets.VBox):
             self.publish_panel,
             self.filter_panel,
             self.stats_panel,
-            self.chart,
-            self.grid,
-            self.export,
+            *[p for p in (self.chart, self.grid) if p is not None],
             self.live_log,
+            self.export,
         ]
 
     def close(self) -> None:
@@ -98,11 +102,12 @@ class Workbench(widgets.VBox):
         if link is not None:  # fully built and not closed yet
             self._link = None
             link.unlink()
-            self._grid_link.unlink()
+            if self._grid_link is not None:
+                self._grid_link.unlink()
             for panel in self.panels:
                 panel.close()
             self.controller.close()
-            for part in (self.tabs, self.title, self.live_title, self.log_box):
+            for part in (self.tabs, self.title, self.live_title):
                 part.close()
         super().close()
 
@@ -115,6 +120,6 @@ def workbench(lab_or_client: Lab | LabClient | None = None, **options: Any) -> W
     With a :class:`~gathering_lab.client.LabClient` it shows and drives that client.
     Options: ``client_id``, ``notify`` (type patterns), ``rows`` (text log),
     ``grid_rows`` (events the grid keeps), ``window`` (seconds the chart shows),
-    ``export_dir`` (where Export writes), ``connect``.
+    ``export_dir`` (where Export writes), ``live_views`` (chart and grid), ``connect``.
     """
     return Workbench(lab_or_client, **options)
