@@ -21,7 +21,7 @@ from traitlets import TraitError
 
 import gathering_lab as gl
 from gathering_lab.events import Event, EventBus
-from gathering_lab.frame import EventFrame
+from gathering_lab.frame import EventFrame, read_csv, read_parquet
 from gathering_lab.protocol import Filters
 from gathering_lab.testing import capture_events, free_port, running_server, timeout, wait_for
 from gathering_lab.websocket import ConnectionManager
@@ -30,11 +30,9 @@ from gathering_lab.widgets import (
     Controller,
     ExportPanel,
     FilterPanel,
-    LiveGrid,
     LiveLog,
     Notifications,
     PublishPanel,
-    RateChart,
     StatsPanel,
     Workbench,
 )
@@ -417,112 +415,12 @@ async def test_close_stops_the_render_task(closing: Callable[..., Any]) -> None:
     assert log.controller.closed
 
 
-# The chart, the grid and the export
-
-
-async def test_grid_and_chart_redraw_at_most_five_times_a_second(
-    closing: Callable[..., Any],
-) -> None:
-    frame = EventFrame()
-    controller = Controller()
-    grid = closing(LiveGrid(controller, frame=frame, rows=100))
-    chart = closing(RateChart(controller, frame=frame))
-    await wait_for(lambda: grid.renders == 1)  # the empty frame
-    # A front end's views get one update per table.update(): count what they would get.
-    updates = {"grid": 0, "chart": 0}
-    grid_view, chart_view = grid.table.view(), chart.table.view()
-    grid_view.on_update(lambda *_: updates.__setitem__("grid", updates["grid"] + 1))
-    chart_view.on_update(lambda *_: updates.__setitem__("chart", updates["chart"] + 1))
-    count = 10_000
-
-    def feed() -> float:
-        for i in range(1, count + 1):
-            kind = "task.failed" if i % 10 == 0 else "load.tick"
-            frame.append({"type": kind, "seq": i, "data": {"i": i}, "circle_id": i % 3})
-            if i % 500 == 0:
-                time.sleep(0.02)  # about 10,000 events per second, over ~0.5 s
-        return time.monotonic()
-
-    started = time.monotonic()
-    await asyncio.to_thread(feed)
-    await wait_for(lambda: grid.total == count)
-    await wait_for(lambda: int(chart.rates().to_numpy().sum()) == count)
-    elapsed = time.monotonic() - started
-    allowed = elapsed / controller.interval + 3
-    for panel in (grid, chart):
-        assert 1 < panel.renders <= allowed, (type(panel).__name__, panel.renders, elapsed)
-        assert panel.renders < 50  # a handful, nowhere near one per event
-    assert updates["grid"] <= grid.renders and updates["chart"] <= chart.renders
-    assert grid.table.size() == 100  # the latest 100 only
-    shown = grid.shown()
-    assert shown["seq"].tolist() == list(range(count, count - 100, -1))  # newest first
-    assert shown.loc[0, "data"] == '{"i": 10000}' and shown.loc[0, "circle_id"] == "1"
-    rates = chart.rates()
-    assert set(rates.columns) == {"load.tick", "task.failed"}
-    assert int(rates["task.failed"].sum()) == count // 10
-    assert chart.table.size() == len(chart._counts)  # one row per (second, type)
-    grid_view.delete()
-    chart_view.delete()
-
-
-async def test_grid_filters_and_sorts(closing: Callable[..., Any]) -> None:
-    frame = EventFrame()
-    grid = closing(LiveGrid(frame=frame, rows=50))
-    frame.extend(
-        {"type": kind, "seq": i, "circle_id": i % 2, "data": {"i": i}}
-        for i, kind in enumerate(["task.created", "agent.started", "task.failed"] * 4, start=1)
-    )
-    await wait_for(lambda: grid.total == 12)
-    assert grid.shown()["seq"].tolist() == list(range(12, 0, -1))  # newest first by default
-
-    grid.filters = Filters(("task.*",), circle_id=1)  # what the workbench's Filter tab sets
-    await wait_for(lambda: grid.total == 4)
-    shown = grid.shown()
-    assert set(shown["type"]) == {"task.created", "task.failed"}
-    assert set(shown["circle_id"]) == {"1"} and len(shown) == 4
-
-    # The grid's own sort and filter (header clicks, settings panel, or from Python).
-    grid.filters = None
-    await wait_for(lambda: grid.total == 12)
-    grid.grid.sort = [["type", "asc"], ["seq", "asc"]]
-    shown = grid.shown()
-    assert shown["type"].tolist() == sorted(shown["type"])
-    assert shown[shown["type"] == "task.failed"]["seq"].tolist() == [3, 6, 9, 12]
-    grid.grid.filter = [["type", "==", "agent.started"]]
-    assert grid.shown()["seq"].tolist() == [2, 5, 8, 11]
-
-    grid.rows = 3  # keeps only the latest 3
-    await wait_for(lambda: grid.table.size() == 3)
-    grid.grid.filter = []
-    assert sorted(grid.shown()["seq"]) == [10, 11, 12]
-    frame.clear()
-    await wait_for(lambda: grid.table.size() == 0)
-    with pytest.raises(TraitError, match="rows must be between 1 and 100000"):
-        grid.rows = 0
-
-
-async def test_chart_keeps_a_window_of_seconds(closing: Callable[..., Any]) -> None:
-    frame = EventFrame()
-    chart = closing(RateChart(frame=frame, window=5))
-    base = time.time() - 100
-    for second in range(10):  # 10 seconds of traffic, 3 + second events in each
-        for _ in range(3 + second):
-            frame.append({"type": "a.tick", "seq": 1}, received_at=base + second + 0.5)
-        frame.append({"type": "b.tock", "seq": 1}, received_at=base + second + 0.5)
-    await wait_for(lambda: len(chart.rates()) == 5)
-    rates = chart.rates()
-    assert rates["a.tick"].tolist() == [8, 9, 10, 11, 12]  # the last 5 seconds only
-    assert rates["b.tock"].tolist() == [1] * 5
-    assert chart.table.size() == 10
-    with pytest.raises(TraitError, match="window must be between 5 and 3600"):
-        chart.window = 1
+# Export
 
 
 async def test_export_writes_the_frame_and_links_to_it(
-    tmp_path: Any, closing: Callable[..., Any]
+    tmp_path: Path, closing: Callable[..., Any]
 ) -> None:
-    from gathering_lab.frame import read_csv, read_parquet
-
     frame = EventFrame(client_id="exporter")
     frame.extend({"type": "task.created", "seq": i, "data": {"i": i}} for i in range(1, 6))
     panel = closing(ExportPanel(frame=frame, directory=tmp_path / "out"))
@@ -621,9 +519,9 @@ async def test_stats_panel_asks_a_remote_server_over_http(
 
 
 async def test_workbench_connects_publishes_and_shows(
-    lab: gl.Lab, bus: EventBus, closing: Callable[..., Any]
+    lab: gl.Lab, bus: EventBus, closing: Callable[..., Any], tmp_path: Path
 ) -> None:
-    wb = closing(gl.workbench(lab, notify=["task.failed"], live_views=True))
+    wb = closing(gl.workbench(lab, notify=["task.failed"], export_dir=tmp_path / "exports"))
     assert isinstance(wb, Workbench)
     await wait_for(lambda: wb.connect_panel.status == "connected")
     assert wb.tabs.titles == ("Publish", "Filter", "Server stats")
@@ -638,15 +536,16 @@ async def test_workbench_connects_publishes_and_shows(
     await wait_for(lambda: wb.notifications.count == 1)
     assert "timeout" in wb.notifications.banner.value
 
-    assert wb.grid is not None and wb.chart is not None
-    await wait_for(lambda: wb.grid is not None and wb.grid.total == 1)
-    assert wb.grid.shown().loc[0, "type"] == "task.failed"
-    await wait_for(lambda: "task.failed" in wb.chart.rates().columns)
+    wb.export.parquet_button.click()  # writes into export_dir what the workbench received
+    await wait_for(lambda: wb.export.exports == 1)
+    exported = Path(wb.export.last_export)
+    assert exported.parent == tmp_path / "exports" and exported.suffix == ".parquet"
+    assert "events-workbench-" in exported.name
+    assert read_parquet(exported)["type"].tolist() == ["task.failed"]
 
-    wb.filter_panel.types_input.value = "agent.*"  # linked to the live log and the grid
-    assert wb.live_log.filters == Filters(("agent.*",)) == wb.grid.filters
+    wb.filter_panel.types_input.value = "agent.*"  # linked to the live log
+    assert wb.live_log.filters == Filters(("agent.*",))
     await wait_for(lambda: wb.live_log.total == 0)
-    await wait_for(lambda: wb.grid is not None and wb.grid.total == 0)
     wb.stats_panel.refresh()
     await wait_for(lambda: wb.stats_panel.stats.get("active_connections") == 1)
 
@@ -662,7 +561,6 @@ async def test_workbench_over_a_client(lab: gl.Lab, closing: Callable[..., Any])
     client = await lab.connect("mine")
     wb = closing(gl.workbench(client))
     assert wb.controller.client is client and wb.controller.lab is None
-    assert wb.grid is None and wb.chart is None  # opt-in
     assert wb.connect_panel.status == "connected"
     assert wb.connect_panel.client_id_input.value == "mine"
     lab.bus.publish_nowait(Event(type="circle.created", data={"name": "c"}))

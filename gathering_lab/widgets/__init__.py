@@ -5,7 +5,7 @@
     import gathering_lab as gl
     lab = gl.start()
     wb = gl.workbench(lab)      # connect · notifications · publish | filter | stats
-                                # · events/s chart · grid of the latest events · export
+                                # · live log · export (CSV / Parquet)
     wb.close()                  # stops its redraws
 
 Widgets are thin views: requests go through a :class:`Controller`, which hands them to
@@ -16,7 +16,7 @@ redrawn by one ticker at most 5 times a second.
 from __future__ import annotations
 
 from .controller import Controller
-from .grid import ExportPanel, LiveGrid, RateChart
+from .export import ExportPanel
 from .live import DEFAULT_NOTIFY, LiveLog, Notifications
 from .panels import ConnectPanel, FilterPanel, PublishPanel, StatsPanel
 from .workbench import Workbench, workbench
@@ -27,11 +27,9 @@ __all__ = [
     "Controller",
     "ExportPanel",
     "FilterPanel",
-    "LiveGrid",
     "LiveLog",
     "Notifications",
     "PublishPanel",
-    "RateChart",
     "StatsPanel",
     "Workbench",
     "workbench",

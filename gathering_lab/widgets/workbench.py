@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import ipywidgets as widgets
@@ -10,7 +11,7 @@ from traitlets import dlink
 from ..client import LabClient
 from ..kernel import Lab
 from .controller import Controller
-from .grid import ExportPanel, LiveGrid, RateChart
+from .export import ExportPanel
 from .live import DEFAULT_NOTIFY, LiveLog, Notifications
 from .panels import ConnectPanel, FilterPanel, PublishPanel, StatsPanel
 
@@ -18,11 +19,10 @@ __all__ = ["Workbench", "workbench"]
 
 
 class Workbench(widgets.VBox):
-    """Connect · notifications · (publish | filter | server stats) · live chart and grid.
+    """Connect · notifications · (publish | filter | server stats) · live log · export.
 
-    The live part: the latest events as text (``live_log``) and export buttons
-    (``export``); with ``live_views=True`` also events/s by type (``chart``) and a
-    sortable grid of the latest events (``grid``, filtered like the Filter tab says).
+    The live part: the latest events as text (``live_log``, filtered like the Filter tab
+    says) and buttons that export everything received to CSV or Parquet (``export``).
 
     ``close()`` stops the redraws and closes every panel (the lab keeps running).
     """
@@ -34,10 +34,7 @@ class Workbench(widgets.VBox):
         client_id: str = "workbench",
         notify: list[str] | tuple[str, ...] = DEFAULT_NOTIFY,
         rows: int = 20,
-        grid_rows: int = 500,
-        window: int = 60,
-        export_dir: str = ".",
-        live_views: bool = False,
+        export_dir: str | Path = ".",
         connect: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -51,15 +48,6 @@ class Workbench(widgets.VBox):
         self.filter_panel = FilterPanel(controller)
         self.stats_panel = StatsPanel(controller)
         self.live_log = LiveLog(controller, rows=rows)
-        self.chart: RateChart | None = None
-        self.grid: LiveGrid | None = None
-        self._grid_link: dlink | None = None
-        live: list[widgets.Widget] = []
-        if live_views:  # opt-in: see docs/design-notes.md (blank in JupyterLab 4.6 so far)
-            self.chart = RateChart(controller, window=window)
-            self.grid = LiveGrid(controller, rows=grid_rows)
-            self._grid_link = dlink((self.filter_panel, "filters"), (self.grid, "filters"))
-            live = [self.chart, self.grid]
         self.export = ExportPanel(controller, directory=export_dir)
         self._link = dlink((self.filter_panel, "filters"), (self.live_log, "filters"))
         self.tabs = widgets.Tab(
@@ -74,7 +62,6 @@ class Workbench(widgets.VBox):
             self.notifications,
             self.tabs,
             self.live_title,
-            *live,
             self.live_log,
             self.export,
         ]
@@ -91,7 +78,6 @@ class Workbench(widgets.VBox):
             self.publish_panel,
             self.filter_panel,
             self.stats_panel,
-            *[p for p in (self.chart, self.grid) if p is not None],
             self.live_log,
             self.export,
         ]
@@ -102,8 +88,6 @@ class Workbench(widgets.VBox):
         if link is not None:  # fully built and not closed yet
             self._link = None
             link.unlink()
-            if self._grid_link is not None:
-                self._grid_link.unlink()
             for panel in self.panels:
                 panel.close()
             self.controller.close()
@@ -113,13 +97,12 @@ class Workbench(widgets.VBox):
 
 
 def workbench(lab_or_client: Lab | LabClient | None = None, **options: Any) -> Workbench:
-    """Every panel in one widget: connect, notifications, publish, filter, stats, live views.
+    """Every panel in one widget: connect, notifications, publish, filter, stats, log, export.
 
     With a :class:`~gathering_lab.kernel.Lab` (default: the one ``gl.start()`` returned)
     it connects a client named ``workbench`` for you, on the lab's loop, without waiting.
     With a :class:`~gathering_lab.client.LabClient` it shows and drives that client.
-    Options: ``client_id``, ``notify`` (type patterns), ``rows`` (text log),
-    ``grid_rows`` (events the grid keeps), ``window`` (seconds the chart shows),
-    ``export_dir`` (where Export writes), ``live_views`` (chart and grid), ``connect``.
+    Options: ``client_id``, ``notify`` (type patterns), ``rows`` (live log),
+    ``export_dir`` (where the export buttons write), ``connect``.
     """
     return Workbench(lab_or_client, **options)
