@@ -11,6 +11,7 @@ import itertools
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import comm
@@ -20,13 +21,14 @@ from traitlets import TraitError
 
 import gathering_lab as gl
 from gathering_lab.events import Event, EventBus
-from gathering_lab.frame import EventFrame
+from gathering_lab.frame import EventFrame, read_csv, read_parquet
 from gathering_lab.protocol import Filters
 from gathering_lab.testing import capture_events, free_port, running_server, timeout, wait_for
 from gathering_lab.websocket import ConnectionManager
 from gathering_lab.widgets import (
     ConnectPanel,
     Controller,
+    ExportPanel,
     FilterPanel,
     LiveLog,
     Notifications,
@@ -413,6 +415,38 @@ async def test_close_stops_the_render_task(closing: Callable[..., Any]) -> None:
     assert log.controller.closed
 
 
+# Export
+
+
+async def test_export_writes_the_frame_and_links_to_it(
+    tmp_path: Path, closing: Callable[..., Any]
+) -> None:
+    frame = EventFrame(client_id="exporter")
+    frame.extend({"type": "task.created", "seq": i, "data": {"i": i}} for i in range(1, 6))
+    panel = closing(ExportPanel(frame=frame, directory=tmp_path / "out"))
+    panel.csv_button.click()
+    await wait_for(lambda: panel.exports == 1)
+    path = panel.last_export
+    assert path.endswith(".csv") and "events-exporter-" in path
+    back = read_csv(path)
+    assert back["seq"].tolist() == [1, 2, 3, 4, 5] and back.loc[4, "data"] == {"i": 5}
+    html = panel.link.outputs[0]["data"]["text/html"]
+    assert "download: " in html and Path(path).name in html
+
+    panel.parquet_button.click()
+    await wait_for(lambda: panel.exports == 2)
+    assert panel.last_export.endswith(".parquet")
+    assert read_parquet(panel.last_export)["type"].tolist() == ["task.created"] * 5
+    assert len(panel.link.outputs) == 1  # the latest link only
+
+    with pytest.raises(ValueError, match="format must be one of csv, parquet, not 'xls'"):
+        panel.export("xls")
+    empty = closing(ExportPanel(Controller()))
+    empty.csv_button.click()
+    await wait_for(lambda: empty.error != "")
+    assert "nothing to export" in empty.result_label.value
+
+
 # Notifications and stats
 
 
@@ -485,9 +519,9 @@ async def test_stats_panel_asks_a_remote_server_over_http(
 
 
 async def test_workbench_connects_publishes_and_shows(
-    lab: gl.Lab, bus: EventBus, closing: Callable[..., Any]
+    lab: gl.Lab, bus: EventBus, closing: Callable[..., Any], tmp_path: Path
 ) -> None:
-    wb = closing(gl.workbench(lab, notify=["task.failed"]))
+    wb = closing(gl.workbench(lab, notify=["task.failed"], export_dir=tmp_path / "exports"))
     assert isinstance(wb, Workbench)
     await wait_for(lambda: wb.connect_panel.status == "connected")
     assert wb.tabs.titles == ("Publish", "Filter", "Server stats")
@@ -501,6 +535,13 @@ async def test_workbench_connects_publishes_and_shows(
     await wait_for(lambda: "task.failed" in wb.live_log.view.value)
     await wait_for(lambda: wb.notifications.count == 1)
     assert "timeout" in wb.notifications.banner.value
+
+    wb.export.parquet_button.click()  # writes into export_dir what the workbench received
+    await wait_for(lambda: wb.export.exports == 1)
+    exported = Path(wb.export.last_export)
+    assert exported.parent == tmp_path / "exports" and exported.suffix == ".parquet"
+    assert "events-workbench-" in exported.name
+    assert read_parquet(exported)["type"].tolist() == ["task.failed"]
 
     wb.filter_panel.types_input.value = "agent.*"  # linked to the live log
     assert wb.live_log.filters == Filters(("agent.*",))

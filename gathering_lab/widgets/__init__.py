@@ -4,7 +4,8 @@
 
     import gathering_lab as gl
     lab = gl.start()
-    wb = gl.workbench(lab)      # connect · notifications · publish | filter | stats · live log
+    wb = gl.workbench(lab)      # connect · notifications · publish | filter | stats
+                                # · live log · export (CSV / Parquet)
     wb.close()                  # stops its redraws
 
 Widgets are thin views: requests go through a :class:`Controller`, which hands them to
@@ -15,6 +16,7 @@ redrawn by one ticker at most 5 times a second.
 from __future__ import annotations
 
 from .controller import Controller
+from .export import ExportPanel
 from .live import DEFAULT_NOTIFY, LiveLog, Notifications
 from .panels import ConnectPanel, FilterPanel, PublishPanel, StatsPanel
 from .workbench import Workbench, workbench
@@ -23,6 +25,7 @@ __all__ = [
     "DEFAULT_NOTIFY",
     "ConnectPanel",
     "Controller",
+    "ExportPanel",
     "FilterPanel",
     "LiveLog",
     "Notifications",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import ipywidgets as widgets
@@ -10,6 +11,7 @@ from traitlets import dlink
 from ..client import LabClient
 from ..kernel import Lab
 from .controller import Controller
+from .export import ExportPanel
 from .live import DEFAULT_NOTIFY, LiveLog, Notifications
 from .panels import ConnectPanel, FilterPanel, PublishPanel, StatsPanel
 
@@ -17,7 +19,10 @@ __all__ = ["Workbench", "workbench"]
 
 
 class Workbench(widgets.VBox):
-    """Connect · notifications · (publish | filter | server stats) · live log.
+    """Connect · notifications · (publish | filter | server stats) · live log · export.
+
+    The live part: the latest events as text (``live_log``, filtered like the Filter tab
+    says) and buttons that export everything received to CSV or Parquet (``export``).
 
     ``close()`` stops the redraws and closes every panel (the lab keeps running).
     """
@@ -29,6 +34,7 @@ class Workbench(widgets.VBox):
         client_id: str = "workbench",
         notify: list[str] | tuple[str, ...] = DEFAULT_NOTIFY,
         rows: int = 20,
+        export_dir: str | Path = ".",
         connect: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -42,6 +48,7 @@ class Workbench(widgets.VBox):
         self.filter_panel = FilterPanel(controller)
         self.stats_panel = StatsPanel(controller)
         self.live_log = LiveLog(controller, rows=rows)
+        self.export = ExportPanel(controller, directory=export_dir)
         self._link = dlink((self.filter_panel, "filters"), (self.live_log, "filters"))
         self.tabs = widgets.Tab(
             children=[self.publish_panel, self.filter_panel, self.stats_panel],
@@ -56,6 +63,7 @@ class Workbench(widgets.VBox):
             self.tabs,
             self.live_title,
             self.live_log,
+            self.export,
         ]
         if connect and controller.client is None and controller.lab is not None:
             # Await-free: the connection is made on the lab's loop; the status label follows.
@@ -71,6 +79,7 @@ class Workbench(widgets.VBox):
             self.filter_panel,
             self.stats_panel,
             self.live_log,
+            self.export,
         ]
 
     def close(self) -> None:
@@ -88,11 +97,12 @@ class Workbench(widgets.VBox):
 
 
 def workbench(lab_or_client: Lab | LabClient | None = None, **options: Any) -> Workbench:
-    """Every panel in one widget: connect, notifications, publish, filter, stats, live log.
+    """Every panel in one widget: connect, notifications, publish, filter, stats, log, export.
 
     With a :class:`~gathering_lab.kernel.Lab` (default: the one ``gl.start()`` returned)
     it connects a client named ``workbench`` for you, on the lab's loop, without waiting.
     With a :class:`~gathering_lab.client.LabClient` it shows and drives that client.
-    Options: ``client_id``, ``notify`` (type patterns), ``rows``, ``connect``.
+    Options: ``client_id``, ``notify`` (type patterns), ``rows`` (live log),
+    ``export_dir`` (where the export buttons write), ``connect``.
     """
     return Workbench(lab_or_client, **options)
