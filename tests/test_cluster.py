@@ -290,3 +290,85 @@ async def test_cli_with_an_unknown_bus_scheme_exits_with_one_line(how: str) -> N
     assert code != 0
     assert len(lines) == 1, lines
     assert "unknown bus url 'bogus://x'" in lines[0]
+
+
+async def test_a_flushed_log_changes_the_epoch_everywhere_and_resumes_report_a_gap(
+    redis_server: RedisServer,
+) -> None:
+    async with node(redis_server.url) as a, node(redis_server.url) as b:
+        for i in range(3):
+            await a.bus.publish(Event(type="load.test", data={"i": i}))
+        assert isinstance(b.bus, LogBus) and await b.bus.catch_up(3)
+        old_epoch = b.bus.epoch
+        assert redis_server.command("FLUSHALL") == b"+OK"
+        fresh = await a.bus.publish(Event(type="load.test", data={"i": 99}))
+        assert fresh.epoch != old_epoch and fresh.seq == 1
+        await wait_for(lambda: b.bus.epoch == fresh.epoch, wait=10)  # b's tail noticed
+        assert [e.id for e in b.bus.since(0)] == [fresh.id]
+        assert b.bus.get_stats()["epoch_changes"] == 1
+        ws, _ = await greeted(f"{b.url}?last_seq=3&epoch={old_epoch}")
+        async with ws:
+            got = await recv_until(ws, lambda m: m["type"] == "resumed")
+            assert [m["event_id"] for m in got[:-1]] == [fresh.id]
+            assert got[-1]["data"]["gap"] is True and got[-1]["data"]["epoch"] == fresh.epoch
+
+
+# The bus alone, on a named memory log (two nodes in one process, no Redis).
+
+
+@pytest.fixture
+async def memory_nodes() -> AsyncIterator[tuple[LogBus, LogBus]]:
+    name = f"memory://cluster-{os.getpid()}-{id(object())}"
+    first, second = LogBus(name), LogBus(name)
+    await first.start()
+    await second.start()
+    try:
+        yield first, second
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_the_bus_refuses_what_it_cannot_send_and_counts_it(
+    memory_nodes: tuple[LogBus, LogBus],
+) -> None:
+    bus, other = memory_nodes
+    with pytest.raises(ValueError, match="cannot be sent"):
+        await bus.publish(Event(type="load.test", data={"x": float("nan")}))
+    event = await bus.publish(Event(type="load.test"))
+    with pytest.raises(ValueError, match="already published"):
+        await bus.publish(event)
+    stats = bus.get_stats()
+    assert stats["events_rejected"] == 1 and stats["events_published"] == 1
+    assert stats["last_seq"] == 1
+    assert await other.catch_up(1) and other.get_stats()["events_received"] == 1
+    with pytest.raises(RuntimeError, match="not started"):
+        await LogBus("memory://").publish(Event(type="load.test"))
+
+
+async def test_publish_nowait_from_another_thread_reaches_every_node(
+    memory_nodes: tuple[LogBus, LogBus],
+) -> None:
+    bus, other = memory_nodes
+    with capture_events(other) as seen:
+        await asyncio.to_thread(bus.publish_nowait, Event(type="load.test", data={"i": 1}))
+        await wait_for(lambda: len(seen) == 1)
+    assert seen[0].seq == 1 and seen[0].epoch == bus.epoch == other.epoch
+    assert bus.get_history()[0].id == seen[0].id
+
+
+async def test_a_node_started_late_preloads_the_history_in_order() -> None:
+    name = f"memory://preload-{id(object())}"
+    first = await LogBus(name).start()
+    try:
+        for i in range(1200):  # more than two preload chunks
+            await first.publish(Event(type="load.test", data={"i": i}))
+        late = await LogBus(name, history_size=1000).start()
+        try:
+            assert late.last_seq == 1200 and late.oldest_seq == 201
+            assert [e.seq for e in late.since(1100)] == list(range(1101, 1201))
+            assert late.since(0)[0].encoded() == first.since(200)[0].encoded()
+        finally:
+            await late.close()
+    finally:
+        await first.close()

@@ -388,7 +388,6 @@ class _Handler:
                 http.HTTPStatus.OK if health == "ok" else http.HTTPStatus.SERVICE_UNAVAILABLE,
                 {
                     "status": "ok" if health == "ok" else "degraded",
-                    "bus": health,
                     "server": f"gathering_lab/{__version__}",
                     "active_connections": self.manager.active_connections,
                     "seq": self.bus.last_seq,
