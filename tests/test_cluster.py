@@ -158,6 +158,36 @@ async def test_a_client_resumes_on_another_node_with_exactly_what_it_missed(
             assert live["seq"] == later.seq == last_seq + 8  # once, no gap, no repeat
 
 
+async def test_a_node_whose_tail_lags_catches_up_before_it_replays(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with node(redis_server.url) as a, node(redis_server.url) as b:
+        assert isinstance(b.bus, LogBus)
+        start = b.bus.last_seq
+        # Hold b's tail: the entries it reads wait here until released.
+        held: list[Any] = []
+        deliver = b.bus._deliver
+        monkeypatch.setattr(b.bus, "_deliver", held.append)
+        missed = [await a.bus.publish(Event(type="load.test", data={"i": i})) for i in range(3)]
+        await wait_for(lambda: len(held) == 3)
+        seen_on_a = missed[-1]
+        assert b.bus.last_seq == start  # b is behind what the client saw on a
+        ws = await connect(f"{b.url}?last_seq={seen_on_a.seq}&epoch={seen_on_a.epoch}")
+        async with ws:
+            await recv_json(ws)  # the greeting
+            await wait_for(lambda: b.bus._waiters)  # the replay waits for b's tail
+            monkeypatch.setattr(b.bus, "_deliver", deliver)
+            for entry in held:
+                deliver(entry)
+            got = await recv_until(ws, lambda m: m["type"] == "resumed")
+            assert got[-1]["data"]["count"] == 0 and got[-1]["data"]["gap"] is False
+            later = await a.bus.publish(Event(type="load.test", data={"i": 9}))
+            (live,) = await events(ws, 1)
+            # Without the catch-up, b would have made the client live at its older seq
+            # and sent the 3 events it already had again.
+            assert live["seq"] == later.seq == seen_on_a.seq + 1
+
+
 async def test_a_node_restarted_keeps_the_epoch_and_a_resuming_client_loses_nothing(
     redis_server: RedisServer,
 ) -> None:
