@@ -30,6 +30,8 @@ __all__ = ["main"]
 logger = logging.getLogger("gathering_lab.cli")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Seconds ``serve`` waits for its bus's log at start-up before giving up.
+BUS_START_TIMEOUT = 20.0
 
 
 def _port(text: str) -> int:
@@ -960,6 +962,14 @@ def _build_parser() -> argparse.ArgumentParser:
         default="off",
         help="permessage-deflate (default: off)",
     )
+    serve.add_argument(
+        "--bus",
+        default=None,
+        metavar="URL",
+        help="where events are numbered and kept: memory:// (this process, the default) or "
+        "redis://HOST:PORT/DB (shared by every server on it: one stream); "
+        "default from $GATHERING_LAB_BUS",
+    )
     serve.add_argument("--certfile", help="TLS certificate (PEM) to serve wss://")
     serve.add_argument("--keyfile", help="TLS private key (PEM), with --certfile")
     _add_limit_arguments(serve)
@@ -1015,13 +1025,13 @@ async def _serve(args: argparse.Namespace) -> int:
             raise SystemExit(f"gathering-lab serve: cannot load TLS certificate: {exc}") from None
 
     auth = _auth_from_args(args)
-    event_bus.configure(history_size=args.history, history_bytes=args.history_bytes)
+    bus = await _start_bus(args)
     _raise_descriptor_limit(args.max_connections)
     try:
         server = await serve(
             args.host,
             args.port,
-            bus=event_bus,
+            bus=bus,
             max_patterns=args.max_patterns,
             allowed_origins=args.allowed_origin,
             auth=auth,
@@ -1039,6 +1049,8 @@ async def _serve(args: argparse.Namespace) -> int:
             message_burst=args.message_burst,
         )
     except (OSError, ValueError) as exc:  # PortInUseError is an OSError
+        if bus is not event_bus:
+            await bus.close()
         raise SystemExit(f"gathering-lab serve: error: {_bind_error(args, exc)}") from None
     # Everything loaded so far lives as long as the process: keep it out of the
     # cyclic GC's way, so a full collection stays short (tail latency).
@@ -1052,13 +1064,41 @@ async def _serve(args: argparse.Namespace) -> int:
     print(f"  dashboard  {server.http_url}/dashboard", flush=True)
     print(f"  stats      {server.http_url}/admin/websocket/stats", flush=True)
     print(f"  auth       {'off' if auth is None else auth.algorithm + ' tokens'}", flush=True)
+    print(f"  bus        {_bus_line(bus)}", flush=True)
     print(f"  limits     {_limits_line(server.get_stats())}", flush=True)
     print("Press Ctrl+C to stop.", flush=True)
     await stop.wait()
     print("shutting down: closing clients with 1001", flush=True)
     server.close()
     await server.wait_closed()
+    if bus is not event_bus:
+        await bus.close()
     return 0
+
+
+async def _start_bus(args: argparse.Namespace) -> Any:
+    """The bus ``--bus`` (or $GATHERING_LAB_BUS) names, started; SystemExit with one line if not."""
+    from .backends.bus import BUS_ENV, LogBus, bus_for_url, is_memory_url
+    from .events import event_bus
+
+    url = args.bus if args.bus is not None else os.environ.get(BUS_ENV) or None
+    if is_memory_url(url):
+        event_bus.configure(history_size=args.history, history_bytes=args.history_bytes)
+        return event_bus
+    try:
+        bus = bus_for_url(url, history_size=args.history, history_bytes=args.history_bytes)
+    except (ValueError, ImportError) as exc:
+        raise SystemExit(f"gathering-lab serve: error: --bus: {exc}") from None
+    assert isinstance(bus, LogBus)
+    try:
+        # The log bounds its own calls; this bounds the whole start-up, whatever the backend.
+        async with asyncio.timeout(BUS_START_TIMEOUT):
+            await bus.start()
+    except (GatheringLabError, TimeoutError, OSError) as exc:
+        await bus.close()
+        reason = str(exc) or f"no answer within {BUS_START_TIMEOUT:g}s"
+        raise SystemExit(f"gathering-lab serve: error: --bus {url}: {reason}") from None
+    return bus
 
 
 def _bind_error(args: argparse.Namespace, exc: BaseException) -> str:
@@ -1092,6 +1132,13 @@ def _bind_error(args: argparse.Namespace, exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return f"cannot bind {host}:{port}: {exc.strerror or exc}"
     return str(exc)
+
+
+def _bus_line(bus: Any) -> str:
+    log = getattr(bus, "log", None)
+    if log is None:
+        return "memory (this process)"
+    return f"{getattr(log, 'where', log.scheme)} (epoch {bus.epoch}, seq {bus.last_seq})"
 
 
 def _limits_line(stats: dict[str, Any]) -> str:

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from .backends.bus import LogBus, bus_for_url
 from .client import LabClient
 from .events import Event, EventBus, EventType, event_bus
 from .frame import EventFrame
@@ -48,13 +49,22 @@ class Lab:
         host: str = "127.0.0.1",
         port: int = 8000,
         *,
-        bus: EventBus | None = None,
+        bus: EventBus | str | None = None,
         manager: ConnectionManager | None = None,
         max_rows: int | None = 100_000,
         **serve_options: Any,
     ) -> None:
         self.host = host
         self.requested_port = port
+        #: A bus this lab opened from a URL (``bus="redis://..."``): started and closed with it.
+        self._owned_bus: LogBus | None = None
+        bus_key: Any = bus
+        if isinstance(bus, str):
+            bus = bus_for_url(bus)  # ValueError for an unknown scheme
+            if isinstance(bus, LogBus):
+                self._owned_bus = bus
+        else:
+            bus_key = id(bus if bus is not None else event_bus)
         self.bus = bus if bus is not None else event_bus
         self.manager = manager if manager is not None else manager_for(self.bus)
         # In a kernel a long cell stalls the loop: keep pinging, but never time out.
@@ -67,7 +77,8 @@ class Lab:
         self.error: BaseException | None = None
         self.mode: str | None = None
         self.started_at: float | None = None
-        self._key = (host, port, id(self.bus), id(self.manager), max_rows, _freeze(serve_options))
+        manager_key = id(manager) if manager is not None else None
+        self._key = (host, port, bus_key, manager_key, max_rows, _freeze(serve_options))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -112,6 +123,8 @@ class Lab:
 
     async def _serve(self, sock: Any) -> None:
         try:
+            if self._owned_bus is not None:
+                await self._owned_bus.start()  # BackendUnavailable if its log is unreachable
             self.server = await serve(
                 self.host,
                 self.port,
@@ -127,6 +140,8 @@ class Lab:
             raise
         except BaseException as exc:
             sock.close()
+            if self._owned_bus is not None:
+                await self._owned_bus.close()
             self.status = f"failed: {exc}"
             self.error = exc
             self._ready.set_exception(exc)
@@ -163,10 +178,10 @@ class Lab:
         if server is not None:
             if self.mode == "thread" and self._loop is not None:
                 self._loop.call_soon_threadsafe(server.close)
-                asyncio.run_coroutine_threadsafe(server.wait_closed(), self._loop).result(10)
+                asyncio.run_coroutine_threadsafe(self._closed(server), self._loop).result(10)
             else:
                 server.close()
-                self._spawn(server.wait_closed())
+                self._spawn(self._closed(server))
         if self.mode == "thread" and self._loop is not None and self._thread is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
@@ -178,6 +193,11 @@ class Lab:
         if _lab is self:
             _lab = None
         logger.info("lab stopped")
+
+    async def _closed(self, server: Server) -> None:
+        await server.wait_closed()
+        if self._owned_bus is not None:
+            await self._owned_bus.close()
 
     def _call(self, coroutine_function: Callable[[], Any]) -> None:
         if self.mode == "thread" and self._loop is not None:
@@ -331,6 +351,8 @@ def start(host: str = "127.0.0.1", port: int = 8000, **serve_options: Any) -> La
     Calling it again with the same options returns the running lab; with other
     options, it stops that one and starts anew. Raises PortInUseError at once if
     the port is taken.
+    ``bus="redis://host:port/db"`` joins the lab to that shared log (the stream every
+    server on it serves); ``bus="memory://"`` (the default) is this process's bus.
     """
     global _lab
     candidate = Lab(host, port, **serve_options)

@@ -30,7 +30,7 @@ from urllib.parse import urlsplit
 from .. import __version__, protocol
 from ..auth import EVERYTHING, Identity, JWTAuth, Scope, bearer_token
 from ..events import Event
-from ..exceptions import AuthError, ProtocolError
+from ..exceptions import AuthError, BackendUnavailable, ProtocolError
 from .limits import ClientLimits, RateLimits
 
 __all__ = [
@@ -250,6 +250,8 @@ class Counters:
     protocol_errors: dict[str, int] = field(default_factory=dict)
     publishes_rate_limited: int = 0
     messages_throttled: int = 0
+    #: Publishes answered ``unavailable``: the bus's shared log could not be reached.
+    publishes_unavailable: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,8 +430,20 @@ class ClientPolicy:
             expires_at=identity.expires_at,
         )
 
-    def published(self, action: PublishEvent, failure: ValueError | None = None) -> dict[str, Any]:
-        """The answer to a publish: ``published``, or ``invalid_message`` if the bus refused it."""
+    def published(self, action: PublishEvent, failure: Exception | None = None) -> dict[str, Any]:
+        """The answer to a publish: ``published``, ``invalid_message`` if the bus refused it,
+        or ``unavailable`` if its shared log could not be reached (nothing was published).
+        """
+        if isinstance(failure, BackendUnavailable):
+            self.counters.publishes_unavailable += 1
+            return self.error(
+                ProtocolError(
+                    "unavailable",
+                    f"the event log cannot be reached ({failure}); this event was not "
+                    "published: send it again later",
+                ),
+                action.request_id,
+            )
         if failure is not None:  # not strict JSON: refused before it was numbered
             return self.error(ProtocolError("invalid_message", str(failure)), action.request_id)
         event = action.event

@@ -37,7 +37,7 @@ from websockets.http11 import Request, Response
 from .. import __version__, protocol
 from ..auth import EVERYTHING, Identity, JWTAuth, bearer_token, install_redaction
 from ..events import EventBus, event_bus
-from ..exceptions import AuthError, PortInUseError
+from ..exceptions import AuthError, BackendUnavailable, PortInUseError
 from .limits import (
     DEFAULT_MAX_CONNECTIONS_PER_IP,
     DEFAULT_OPEN_TIMEOUT,
@@ -135,9 +135,11 @@ class Server:
         subscription: str | None,
         host: str,
         on_close: Callable[[], None] | None = None,
+        owned_bus: Any = None,
     ) -> None:
         self._ws_server = ws_server
         self._on_close = on_close
+        self._owned_bus = owned_bus  # a bus serve() started from a URL: closed with the server
         self.bus = bus
         self.manager = manager
         self._handler = handler
@@ -180,8 +182,11 @@ class Server:
         self._ws_server.close(close_connections=True)
 
     async def wait_closed(self) -> None:
-        """Wait until the server and every connection are closed."""
+        """Wait until the server and every connection are closed (and a bus it started)."""
         await self._ws_server.wait_closed()
+        bus, self._owned_bus = self._owned_bus, None
+        if bus is not None:
+            await bus.close()
 
     def get_stats(self) -> dict[str, Any]:
         """The stats served at ``/admin/websocket/stats``."""
@@ -353,6 +358,7 @@ class _Handler:
         self._policies: dict[Session, ClientPolicy] = {}
         #: How clients' connections ended, by close code sent (or received).
         self.close_codes: dict[str, int] = {}
+        self._unavailable_log = LogThrottle(LOG_INTERVAL)
 
     # HTTP
 
@@ -376,10 +382,12 @@ class _Handler:
                 )
             return self.gate.admit(connection)
         if path == "/health":
+            # A bus on a shared log is degraded while the log cannot be reached.
+            health = getattr(self.bus, "health", "ok")
             return _json_response(
-                http.HTTPStatus.OK,
+                http.HTTPStatus.OK if health == "ok" else http.HTTPStatus.SERVICE_UNAVAILABLE,
                 {
-                    "status": "ok",
+                    "status": "ok" if health == "ok" else "degraded",
                     "server": f"gathering_lab/{__version__}",
                     "active_connections": self.manager.active_connections,
                     "seq": self.bus.last_seq,
@@ -452,6 +460,7 @@ class _Handler:
         stats["bad_requests"] = self.bad_requests
         stats.update(self.gate.stats())
         stats["publishes_rate_limited"] = self.counters.publishes_rate_limited
+        stats["publishes_unavailable"] = self.counters.publishes_unavailable
         stats["messages_throttled"] = self.counters.messages_throttled
         stats["rate_limits"] = self.rates.to_dict()
         mine = {(s.client_id, s.remote): p.limits for s, p in self._policies.items()}
@@ -585,6 +594,17 @@ class _Handler:
                 await self.bus.publish(action.event)
             except ValueError as exc:
                 manager.send(session, policy.published(action, exc))
+            except BackendUnavailable as exc:
+                manager.send(session, policy.published(action, exc))
+                held = self._unavailable_log.ready(time.monotonic())
+                if held is not None:
+                    logger.warning(
+                        "refused a publish from %s with unavailable: %s (%d more since the "
+                        "last report)",
+                        session.client_id,
+                        exc,
+                        held,
+                    )
             else:
                 manager.send(session, policy.published(action))
         elif isinstance(action, ChangeFilters):
@@ -613,6 +633,11 @@ class _Handler:
         so none is sent twice.
         """
         join = not session.live
+        catch_up = getattr(self.bus, "catch_up", None)
+        if catch_up is not None and resume.epoch == self.bus.epoch:
+            # A bus on a shared log: the client may have seen, on another node, events
+            # this node's tail has not delivered yet. Wait for them (bounded).
+            await catch_up(resume.since_seq)
         sent, gap = await self.manager.replay(
             session,
             resume.since_seq,
@@ -771,6 +796,11 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
     :func:`~gathering_lab.websocket.integration.setup_websocket_broadcasting`
     and ``setup_custom_broadcasting`` enable.
 
+    ``bus`` may be a URL: ``memory://`` is the process's default bus; ``redis://host:port/db``
+    (or ``memory://NAME``) opens a :class:`~gathering_lab.backends.bus.LogBus` on that shared
+    log, started before serving (BackendUnavailable if the log cannot be reached) and closed
+    by :meth:`Server.wait_closed`: several servers on one log give one stream.
+
     ``write_delay`` (seconds, off by default) holds each client's frames up to that long
     and writes them as one buffer: fewer writes for up to that much more latency.
 
@@ -790,7 +820,7 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
         host: str = "127.0.0.1",
         port: int = 8000,
         *,
-        bus: EventBus | None = None,
+        bus: EventBus | str | None = None,
         manager: ConnectionManager | None = None,
         broadcast: bool = True,
         sock: socket.socket | None = None,
@@ -836,6 +866,14 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
         admission = _admission(max_connections, max_connections_per_ip)
         self.host = host
         self.port = port
+        #: A bus this serve() opened from a URL: started before serving, closed with the server.
+        self._owned_bus: Any = None
+        if isinstance(bus, str):
+            from ..backends.bus import LogBus, bus_for_url
+
+            bus = bus_for_url(bus)  # ValueError for an unknown scheme
+            if isinstance(bus, LogBus):
+                self._owned_bus = bus
         self.bus = bus if bus is not None else event_bus
         self.manager = manager if manager is not None else manager_for(self.bus)
         self.manager.bind(self.bus)  # ValueError if it already serves another bus
@@ -880,6 +918,13 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
         self._server: Server | None = None
 
     async def _start(self) -> Server:
+        if self._owned_bus is not None:
+            try:
+                await self._owned_bus.start()  # BackendUnavailable if its log is unreachable
+            except BaseException:
+                self.sock.close()
+                await self._owned_bus.close()
+                raise
         ws_server = await websockets.serve(
             self.handler,
             sock=self.sock,
@@ -901,6 +946,7 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
             subscription=subscription,
             host=host,
             on_close=restore,
+            owned_bus=self._owned_bus,
         )
         logger.info("serving on %s", self._server.url)
         return self._server

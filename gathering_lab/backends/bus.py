@@ -1,0 +1,428 @@
+"""A bus whose numbering and order come from a shared event log (:class:`LogBus`).
+
+::
+
+    bus = LogBus("redis://127.0.0.1:6379/0")
+    await bus.start()                  # connect, preload history, follow the log
+    await bus.publish(Event(type="agent.started", data={"agent_id": 1}))
+    await bus.close()
+
+Every node that opens the same log is one bus: :meth:`LogBus.publish` appends the
+event's envelope to the log, which gives it the cluster-wide ``seq`` and the log's
+``epoch``; one task per node follows the log and, for each entry, builds the event,
+keeps it in the node's history ring and dispatches it to the node's handlers. So the
+handlers of every node see every event of the cluster, in the log's order, with the
+same ``seq``, ``epoch`` and ``event_id``; :meth:`~EventBus.since`,
+:meth:`~EventBus.get_history` and the stats work from the local ring as on the
+in-process bus (:class:`~gathering_lab.events.EventBus`, whose hot path is untouched).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from typing import Any
+
+from .. import protocol
+from ..events import DEFAULT_HISTORY_BYTES, Event, EventBus, event_bus
+from ..exceptions import BackendUnavailable
+from . import open_log
+from .base import EventLog, Health, LogEntry
+
+__all__ = ["BUS_ENV", "LogBus", "bus_for_url", "is_memory_url"]
+
+logger = logging.getLogger("gathering_lab.backends.bus")
+
+#: The environment variable ``gathering-lab serve`` reads its bus URL from (``--bus`` wins).
+BUS_ENV = "GATHERING_LAB_BUS"
+#: Entries read per round trip when the history is preloaded.
+PRELOAD_CHUNK = 512
+#: Seconds a publish waits for its own entry to come back through this node's tail.
+DEFAULT_DELIVERY_TIMEOUT = 5.0
+
+
+def is_memory_url(url: str | None) -> bool:
+    """Whether ``url`` names today's in-process bus (None, ``""``, ``memory://``)."""
+    return url is None or url.strip().rstrip("/").lower() in ("", "memory:", "memory:/")
+
+
+def bus_for_url(url: str | None, **options: Any) -> EventBus:
+    """The bus a URL names: the process's default bus for ``memory://`` (or None),
+    else an unstarted :class:`LogBus` on that log (``options`` go to it).
+
+    Raises ValueError for an unknown scheme, ImportError if redis-py is missing.
+    """
+    if is_memory_url(url):
+        return event_bus
+    assert url is not None
+    return LogBus(url, **options)
+
+
+class LogBus(EventBus):
+    """An :class:`~gathering_lab.events.EventBus` numbered and ordered by a shared log.
+
+    ``log`` is an :class:`~gathering_lab.backends.EventLog` or a URL for
+    :func:`~gathering_lab.backends.open_log` (``log_options`` then go to it).
+    ``history_size`` and ``history_bytes`` bound the local ring, as on the in-process bus.
+    Call :meth:`start` before publishing and :meth:`close` at the end.
+
+    :meth:`publish` returns once the log took the event and this node's tail delivered it
+    (at most ``delivery_timeout`` seconds later; past that it returns anyway, counted in
+    ``delivery_timeouts``), so a publisher reads its own writes in history and clients
+    get its acknowledgement after the event. It raises
+    :class:`~gathering_lab.exceptions.BackendUnavailable` while the log cannot be reached.
+    """
+
+    def __init__(
+        self,
+        log: EventLog | str,
+        *,
+        history_size: int = 10_000,
+        history_bytes: int = DEFAULT_HISTORY_BYTES,
+        delivery_timeout: float = DEFAULT_DELIVERY_TIMEOUT,
+        **log_options: Any,
+    ) -> None:
+        super().__init__(history_size, history_bytes)
+        if isinstance(log, str):
+            log = open_log(log, **log_options)
+        elif log_options:
+            raise TypeError("log options go with a URL, not with an opened log")
+        if not isinstance(log, EventLog):
+            raise TypeError(f"log must be an EventLog or a URL, not {type(log).__name__}")
+        if (
+            not isinstance(delivery_timeout, int | float)
+            or isinstance(delivery_timeout, bool)
+            or delivery_timeout <= 0
+        ):
+            raise ValueError(
+                f"delivery_timeout must be a positive number of seconds, not {delivery_timeout!r}"
+            )
+        self.log = log
+        self.delivery_timeout = float(delivery_timeout)
+        self.epoch = ""  # the log's, once started
+        self._follower: asyncio.Task[None] | None = None
+        self._closed = False
+        self._waiters: dict[int, list[asyncio.Future[None]]] = {}
+        self._received = 0
+        self._appended = 0
+        self._unavailable = 0
+        self._invalid = 0
+        self._epoch_changes = 0
+        self._tail_failures = 0
+        self._delivery_timeouts = 0
+        self._publish_failures = 0
+        self._preloaded = 0
+
+    # Life cycle
+
+    @property
+    def started(self) -> bool:
+        """True between :meth:`start` and :meth:`close`."""
+        return self._follower is not None and not self._closed
+
+    async def start(self) -> LogBus:
+        """Connect the log, preload the history ring from it and start following it.
+
+        Raises BackendUnavailable if the log cannot be reached.
+        """
+        if self._follower is not None:
+            return self
+        if self._closed:
+            raise RuntimeError("this bus was closed; make a new LogBus")
+        loop = asyncio.get_running_loop()
+        self.bind_loop(loop)
+        await self.log.connect()
+        try:
+            after = await self._preload()
+        except BaseException:
+            await self.log.close()
+            raise
+        self._follower = loop.create_task(self._follow(after), name="gathering-lab log tail")
+        logger.info(
+            "bus on %s: epoch %s, last seq %d, %d events preloaded",
+            getattr(self.log, "where", self.log.scheme + "://"),
+            self.epoch,
+            self._seq,
+            self._preloaded,
+        )
+        return self
+
+    async def _preload(self) -> int:
+        """Fill the ring with the log's most recent events (in chunks); return the last seq."""
+        info = await self.log.info()
+        self.epoch = info.epoch
+        after = max(0, info.oldest_seq - 1, info.last_seq - self._history_size)
+        self._seq = after
+        # Bounded: what is appended meanwhile beyond these chunks comes through the tail.
+        for _ in range(self._history_size // PRELOAD_CHUNK + 4):
+            chunk = await self.log.read(after, PRELOAD_CHUNK, self.epoch)
+            if chunk.epoch != self.epoch:  # the log lost its data meanwhile
+                with self._lock:
+                    self._history.clear()
+                    self._history_bytes = 0
+                    self.epoch = chunk.epoch
+            if not chunk.entries:
+                break
+            for entry in chunk.entries:
+                event = self._decode(entry)
+                if event is not None:
+                    self._keep(event)
+                    self._preloaded += 1
+                after = entry.seq
+            self._seq = after
+        return after
+
+    async def close(self) -> None:
+        """Stop following the log and close it (idempotent)."""
+        self._closed = True
+        follower, self._follower = self._follower, None
+        if follower is not None:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+        self._wake_all()
+        await self.log.close()
+
+    # Following the log
+
+    async def _follow(self, after: int) -> None:
+        """Deliver every entry of the log after ``after``; restart the tail if it fails."""
+        delay = 0.05
+        while not self._closed:
+            try:
+                entries = self.log.tail(self._seq, self.epoch)
+                try:
+                    async for entry in entries:
+                        self._deliver(entry)
+                        delay = 0.05
+                finally:
+                    aclose = getattr(entries, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+                if self._closed:
+                    return
+                raise RuntimeError("the log's tail ended while the bus is open")
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._tail_failures += 1
+                logger.exception(
+                    "the bus's tail of its log failed after seq %d; following again in %.2fs",
+                    self._seq,
+                    delay,
+                )
+                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, 2.0)
+
+    def _deliver(self, entry: LogEntry) -> None:
+        """Keep one log entry in history and run the handlers it matches."""
+        if entry.epoch != self.epoch:
+            self._new_epoch(entry)
+        elif entry.seq <= self._seq:
+            return  # already delivered (a tail that read again from before)
+        event = self._decode(entry)
+        if event is None:
+            with self._lock:
+                self._seq = entry.seq
+        else:
+            self._keep(event)
+            self._received += 1
+            self._dispatch(event)
+        self._wake(entry.seq)
+
+    def _new_epoch(self, entry: LogEntry) -> None:
+        self._epoch_changes += 1
+        logger.warning(
+            "the bus's log changed epoch %s -> %s (it lost its data): history cleared, "
+            "clients resuming from before get a gap",
+            self.epoch,
+            entry.epoch,
+        )
+        with self._lock:
+            self._history.clear()
+            self._history_bytes = 0
+            self.epoch = entry.epoch
+            self._seq = entry.seq - 1
+        self._wake_all()
+
+    def _decode(self, entry: LogEntry) -> Event | None:
+        """The event an entry holds (its wire form spliced with seq and epoch), or None."""
+        payload = entry.payload
+        try:
+            event = Event.from_dict(json.loads(payload))
+        except (ValueError, TypeError) as exc:
+            self._invalid += 1
+            logger.error("skipped log entry %d: not an event envelope (%s)", entry.seq, exc)
+            return None
+        event.seq, event.epoch = entry.seq, entry.epoch
+        # The payload is the envelope without seq and epoch, which to_dict() puts last.
+        tail = b',"seq":%d,"epoch":%s}' % (entry.seq, json.dumps(entry.epoch).encode())
+        event._wire = payload.rstrip()[:-1] + tail
+        return event
+
+    def _keep(self, event: Event) -> None:
+        history = self._history
+        size = len(event._wire or b"")
+        with self._lock:
+            if history and event.seq != (history[-1].seq or 0) + 1:
+                # A hole (entries trimmed before this node read them, or one it could
+                # not decode): the ring stays contiguous, so since() reports the gap.
+                history.clear()
+                self._history_bytes = 0
+            self._seq = event.seq or self._seq
+            history.append(event)
+            self._history_bytes += size
+            if len(history) > self._history_size or self._history_bytes > self._history_bytes_cap:
+                self._evict()
+
+    def _dispatch(self, event: Event) -> None:
+        loop = asyncio.get_running_loop()
+        for sub in self._route(event.type_name):
+            awaitable = self._run_sync(sub, event)
+            if awaitable is not None:
+                task = loop.create_task(self._run_async(sub, awaitable, event))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    def _wake(self, seq: int) -> None:
+        if not self._waiters:
+            return
+        for key in [k for k in self._waiters if k <= seq]:
+            for future in self._waiters.pop(key):
+                if not future.done():
+                    future.set_result(None)
+
+    def _wake_all(self) -> None:
+        waiters, self._waiters = self._waiters, {}
+        for futures in waiters.values():
+            for future in futures:
+                if not future.done():
+                    future.set_result(None)
+
+    async def catch_up(self, seq: int, timeout: float | None = None) -> bool:
+        """Wait until this node has delivered ``seq`` (or the epoch changed); False on timeout."""
+        if seq <= self._seq or self._closed:
+            return True
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(seq, []).append(future)
+        try:
+            await asyncio.wait_for(future, self.delivery_timeout if timeout is None else timeout)
+        except TimeoutError:
+            return seq <= self._seq
+        return True
+
+    # Publishing
+
+    async def publish(self, event: Event) -> Event:
+        """Append ``event`` to the log (which numbers it) and wait until this node delivered it.
+
+        Raises ValueError (counted in ``events_rejected``) if it cannot be strict JSON,
+        BackendUnavailable (counted in ``publishes_unavailable``) if the log cannot be reached.
+        """
+        home = self._foreign_home()
+        if home is not None:
+            future = asyncio.run_coroutine_threadsafe(self.publish(event), home)
+            return await asyncio.wrap_future(future)
+        if not isinstance(event, Event):
+            raise TypeError(f"expected an Event, not {type(event).__name__}")
+        if event.seq is not None:
+            raise ValueError(
+                f"event {event.id} was already published (seq {event.seq}); publish a new Event"
+            )
+        if self._follower is None or self._closed:
+            raise RuntimeError("this bus is not started: await bus.start() first")
+        envelope = event.to_dict()
+        del envelope["seq"], envelope["epoch"]
+        try:
+            payload = protocol.encode(envelope)
+        except ValueError as exc:
+            with self._lock:
+                self._rejected += 1
+            logger.warning("refused to publish %s: %s", event.id, exc)
+            raise ValueError(f"event {event.type_name} cannot be sent: {exc}") from None
+        try:
+            seq, epoch = await self.log.append(payload)
+        except BackendUnavailable:
+            self._unavailable += 1
+            raise
+        self._appended += 1
+        event.seq, event.epoch = seq, epoch
+        event._wire = event._frame = None
+        if not await self.catch_up(seq) and epoch == self.epoch:
+            self._delivery_timeouts += 1
+            logger.warning(
+                "event %s (seq %d) is in the log but this node's tail has not delivered it "
+                "within %gs (it is at seq %d)",
+                event.id,
+                seq,
+                self.delivery_timeout,
+                self._seq,
+            )
+        return event
+
+    def publish_nowait(self, event: Event) -> Event:
+        """Schedule :meth:`publish` (from any thread); failures are logged and counted."""
+        if not isinstance(event, Event):
+            raise TypeError(f"expected an Event, not {type(event).__name__}")
+        home = self._foreign_home()
+        if home is not None:
+            home.call_soon_threadsafe(self._schedule, event)
+        else:
+            self._schedule(event)
+        return event
+
+    def _schedule(self, event: Event) -> None:
+        task = asyncio.get_running_loop().create_task(self.publish(event))
+        self._tasks.add(task)
+        task.add_done_callback(self._published_nowait)
+
+    def _published_nowait(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._publish_failures += 1
+            logger.error("publish_nowait failed: %s", exc)
+
+    # Administration
+
+    @property
+    def health(self) -> Health:
+        """The log's health: ``ok``, ``degraded`` (unreachable, reconnecting) or ``closed``."""
+        return self.log.health
+
+    def get_stats(self) -> dict[str, Any]:
+        """The in-process bus's counters, plus the log's health and figures."""
+        stats = super().get_stats()
+        stats["events_published"] = self._appended
+        stats.update(
+            {
+                "backend": self.log.scheme,
+                "health": self.log.health,
+                "events_received": self._received,
+                "events_preloaded": self._preloaded,
+                "events_invalid": self._invalid,
+                "publishes_unavailable": self._unavailable,
+                "publish_failures": self._publish_failures,
+                "delivery_timeouts": self._delivery_timeouts,
+                "epoch_changes": self._epoch_changes,
+                "tail_failures": self._tail_failures,
+            }
+        )
+        log_stats = getattr(self.log, "stats", None)
+        stats["log"] = log_stats() if callable(log_stats) else {}
+        return stats
+
+    def reset(self) -> None:
+        """Not supported: the numbering belongs to the log."""
+        raise RuntimeError("a LogBus cannot be reset: its numbering belongs to the shared log")
+
+    def __repr__(self) -> str:
+        return (
+            f"<LogBus {self.log!r} epoch={self.epoch} seq={self._seq} "
+            f"health={self.log.health} history={len(self._history)}>"
+        )
