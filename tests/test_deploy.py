@@ -3,8 +3,9 @@
 The TLS test runs the real CLI with a throwaway self-signed certificate (made with
 the ``openssl`` command). The nginx test runs ``docs/nginx/gathering-lab.conf`` — the
 file docs/deploy.md shows — with only its ports, certificate paths swapped, in front
-of a real server. Without openssl or nginx these tests skip, except in CI (``CI``
-set) where they fail.
+of a real server, and in front of two ``gathering-lab serve --bus redis://...`` nodes
+(a real ``redis-server``) one of which is stopped under a connected client. Without
+openssl or nginx these tests skip, except in CI (``CI`` set) where they fail.
 """
 
 from __future__ import annotations
@@ -21,13 +22,23 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import websockets
 from websockets.exceptions import ConnectionClosedError, InvalidMessage
 
+from gathering_lab.client import LabClient
 from gathering_lab.events import Event
-from gathering_lab.testing import free_port, recv_json, recv_until, running_server, timeout
+from gathering_lab.testing import (
+    RedisServer,
+    free_port,
+    recv_json,
+    recv_until,
+    running_server,
+    timeout,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 NGINX_CONF = ROOT / "docs" / "nginx" / "gathering-lab.conf"
@@ -203,16 +214,21 @@ async def test_serve_refuses_a_key_without_certificate(tls_cert: tuple[Path, Pat
 
 
 def render_nginx_site(
-    *, tls_port: int, http_port: int, backend_port: int, cert: Path, key: Path
+    *, tls_port: int, http_port: int, backend_ports: tuple[int, int], cert: Path, key: Path
 ) -> str:
-    """The shipped config with test ports and certificate; each swap must match exactly once."""
+    """The shipped config with test ports and certificate; each swap must match exactly once.
+
+    ``backend_ports`` replace the two upstream nodes (8000, 8001); a test with one server
+    gives its port twice.
+    """
     text = NGINX_CONF.read_text()
     swaps = {
         "/etc/letsencrypt/live/api.gathering.example.com/fullchain.pem": str(cert),
         "/etc/letsencrypt/live/api.gathering.example.com/privkey.pem": str(key),
         "listen 443 ssl;": f"listen 127.0.0.1:{tls_port} ssl;",
         "listen 80;": f"listen 127.0.0.1:{http_port};",
-        "server 127.0.0.1:8000;": f"server 127.0.0.1:{backend_port};",
+        "server 127.0.0.1:8000 ": f"server 127.0.0.1:{backend_ports[0]} ",
+        "server 127.0.0.1:8001 ": f"server 127.0.0.1:{backend_ports[1]} ",
     }
     for old, new in swaps.items():
         assert text.count(old) == 1, f"{NGINX_CONF.name} should contain {old!r} once"
@@ -305,7 +321,11 @@ async def test_nginx_proxies_websocket_and_http(
     tls_port, http_port = free_port(), free_port()
     async with running_server() as backend:
         site = render_nginx_site(
-            tls_port=tls_port, http_port=http_port, backend_port=backend.port, cert=cert, key=key
+            tls_port=tls_port,
+            http_port=http_port,
+            backend_ports=(backend.port, backend.port),
+            cert=cert,
+            key=key,
         )
         async with run_nginx(site, tmp_path, tls_port):
             ws_url = f"wss://127.0.0.1:{tls_port}/ws/dashboard"
@@ -377,6 +397,114 @@ async def test_nginx_proxies_websocket_and_http(
             )
 
 
+# Two nodes on one log behind nginx: a client whose node stops goes on at the other
+
+
+def port_of(url: str) -> int:
+    """The port of ``ws://127.0.0.1:PORT/...``."""
+    port = urlsplit(url).port
+    assert port is not None, url
+    return port
+
+
+async def clients_on(port: int) -> list[str]:
+    """The client ids a node lists in its own stats (read on its loopback port)."""
+    status, _, body = await http_get("127.0.0.1", port, "/admin/websocket/stats")
+    assert status == 200, body
+    return [client["client_id"] for client in json.loads(body)["clients"]]
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+async def test_nginx_moves_a_stopped_nodes_client_to_the_other_without_loss(
+    stop: signal.Signals,
+    redis_server: RedisServer,
+    tls_cert: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cert, key = tls_cert
+    # LabClient opens wss:// with the default trust store: make it trust the test certificate.
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    node = ("--bus", redis_server.url, "--max-connections-per-ip", "0")  # as deploy.md says
+    tls_port = free_port()
+    async with cli_server(*node) as (url_a, node_a), cli_server(*node) as (url_b, node_b):
+        nodes = {port_of(url_a): node_a, port_of(url_b): node_b}
+        site = render_nginx_site(
+            tls_port=tls_port,
+            http_port=free_port(),
+            backend_ports=(port_of(url_a), port_of(url_b)),
+            cert=cert,
+            key=key,
+        )
+        received: list[dict[str, Any]] = []
+        statuses: list[str] = []
+        # The first reconnect waits 2 s (scaled): long enough to publish while it is away.
+        client = LabClient(
+            f"wss://127.0.0.1:{tls_port}/ws/dashboard",
+            "mover",
+            base_delay=timeout(2),
+            max_delay=timeout(2),
+            open_timeout=timeout(10),
+        )
+        client.on_event(received.append)
+        client.on_status(statuses.append)
+        async with run_nginx(site, tmp_path, tls_port), client:
+            # Which node nginx picked: each node lists only its own clients.
+            on = [port for port in nodes if "mover" in await clients_on(port)]
+            assert len(on) == 1, on
+            (first,) = on
+            (other,) = set(nodes) - {first}
+            # One more request through nginx: its round robin (one worker, equal weights)
+            # gave it to the other node, so the client's reconnect is first sent to the
+            # stopped node and must be passed on (proxy_next_upstream).
+            status, _, _ = await http_get("127.0.0.1", tls_port, "/health", context=trusting(cert))
+            assert status == 200
+
+            # Events are published through the other node, directly (not through nginx).
+            async with websockets.connect(
+                f"ws://127.0.0.1:{other}/ws/dashboard?client_id=publisher"
+            ) as publisher:
+                await recv_json(publisher)
+
+                async def publish(i: int) -> int:
+                    message = {"type": "publish", "data": {"type": "load.test", "data": {"i": i}}}
+                    await publisher.send(json.dumps(message))
+                    got = await recv_until(publisher, lambda m: m["type"] == "published", 10)
+                    return int(got[-1]["data"]["seq"])
+
+                acked = [await publish(i) for i in range(5)]
+                await client.wait_for_events(5, timeout(10))
+
+                nodes[first].send_signal(stop)
+                await asyncio.wait_for(nodes[first].wait(), timeout(10))
+                await wait_for(lambda: not client.connected, 10)
+                acked += [await publish(i) for i in range(5, 15)]
+                assert not client.connected, "the events were meant to be published meanwhile"
+
+                await client.wait_for_status("connected", timeout(20))
+                assert sorted(await clients_on(other)) == ["mover", "publisher"]
+                acked += [await publish(i) for i in range(15, 20)]
+                await client.wait_for_events(20, timeout(10))
+
+            retried = [
+                line
+                for line in (tmp_path / "error.log").read_text().splitlines()
+                if "connect() failed (111: Connection refused) while connecting to upstream" in line
+            ]
+            assert len(retried) == 1 and f"127.0.0.1:{first}/ws/dashboard" in retried[0], retried
+
+        # Every event exactly once, in order, no gap: the ten published while the client
+        # was away were replayed by the other node (resume by seq through nginx).
+        assert [m["data"]["i"] for m in received] == list(range(20))
+        assert [m["seq"] for m in received] == acked == list(range(acked[0], acked[0] + 20))
+        assert len({m["epoch"] for m in received}) == 1
+        assert (client.duplicates, client.gaps, client.restarts) == (0, 0, 0)
+        assert client.reconnects >= 1
+        assert statuses.count("connected") == 2, statuses
+        # One reconnect did it: nginx passed the handshake on instead of answering 502.
+        assert len([s for s in statuses if s.startswith("reconnecting in")]) == 1, statuses
+
+
 # The whole story: the dashboard in a browser, through nginx, over https and wss
 
 
@@ -402,7 +530,11 @@ async def test_dashboard_through_nginx_needs_its_origin_allowed(
     tls_port, backend_port = free_port(), free_port()
     origin = f"https://{host}:{tls_port}"
     site = render_nginx_site(
-        tls_port=tls_port, http_port=free_port(), backend_port=backend_port, cert=cert, key=key
+        tls_port=tls_port,
+        http_port=free_port(),
+        backend_ports=(backend_port, backend_port),
+        cert=cert,
+        key=key,
     )
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run"]
     args += ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
