@@ -21,7 +21,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Awaitable, Callable, Generator, Iterable
 from importlib import resources
 from types import TracebackType
 from typing import Any
@@ -36,6 +36,7 @@ from websockets.http11 import Request, Response
 
 from .. import __version__, protocol
 from ..auth import EVERYTHING, Identity, JWTAuth, bearer_token, install_redaction
+from ..backends.nodes import Nodes, cluster_stats, nodes_for
 from ..events import EventBus, event_bus
 from ..exceptions import AuthError, BackendUnavailable, PortInUseError
 from .limits import (
@@ -52,6 +53,8 @@ from .limits import (
     open_descriptors,
 )
 from .manager import ConnectionManager, Session, check_write_delay, manager_for
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import render as render_metrics
 from .policy import (
     LOOPBACK_ORIGIN,
     Action,
@@ -175,6 +178,7 @@ class Server:
         if self._on_close is not None:
             self._on_close()
             self._on_close = None
+        self._handler.nodes.stop()
         self.manager.flush()
         # Release the port now (websockets closes the listening socket in a task),
         # so a server can start again on it straight away.
@@ -184,6 +188,7 @@ class Server:
     async def wait_closed(self) -> None:
         """Wait until the server and every connection are closed (and a bus it started)."""
         await self._ws_server.wait_closed()
+        await self._handler.nodes.close()  # removes this node's report from the shared log
         bus, self._owned_bus = self._owned_bus, None
         if bus is not None:
             await bus.close()
@@ -359,10 +364,14 @@ class _Handler:
         #: How clients' connections ended, by close code sent (or received).
         self.close_codes: dict[str, int] = {}
         self._unavailable_log = LogThrottle(LOG_INTERVAL)
+        #: This node and the others on the same shared log (set by serve()).
+        self.nodes: Nodes = Nodes("", "", self.local_stats)
 
     # HTTP
 
-    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+    def process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | Awaitable[Response] | None:
         self.gate.admission.requested(connection)
         path = urlsplit(request.path).path
         for name in _SINGLE_HEADERS:  # read with headers.get(), which raises on duplicates
@@ -394,9 +403,11 @@ class _Handler:
                     "epoch": self.bus.epoch,
                 },
             )
-        if path == "/admin/websocket/stats":
+        if path in ("/admin/websocket/stats", "/metrics"):
             denied = self._check_admin(request) if self.auth is not None else None
-            return denied or _json_response(http.HTTPStatus.OK, self.stats())
+            if denied is not None:
+                return denied
+            return self._stats_response() if path != "/metrics" else self._metrics_response()
         if path in ("/", "/dashboard", "/dashboard/"):
             page = _static_file("dashboard.html")
             if page is not None:
@@ -449,6 +460,39 @@ class _Handler:
         return None
 
     def stats(self) -> dict[str, Any]:
+        """The stats, summed over the live nodes as last read (see backends/nodes.py)."""
+        return cluster_stats(self.local_stats(), self.nodes, self.nodes.cached())
+
+    async def fresh_stats(self) -> dict[str, Any]:
+        """The stats with the other nodes' reports read now (bounded)."""
+        try:
+            peers, error = await self.nodes.peers(), None
+        except Exception as exc:  # noqa: BLE001 - Redis down: this node's figures, said so
+            peers, error = [], f"{type(exc).__name__}: {exc}"
+        return cluster_stats(self.local_stats(), self.nodes, peers, error)
+
+    async def _stats_response(self) -> Response:
+        return _json_response(http.HTTPStatus.OK, await self.fresh_stats())
+
+    async def _metrics_response(self) -> Response:
+        stats = await self.fresh_stats()
+        lag: int | None = 0
+        log = getattr(self.bus, "log", None)
+        if log is not None:
+            try:
+                async with asyncio.timeout(2.0):
+                    info = await log.info()
+                lag = None
+                if info.epoch == self.bus.epoch:
+                    lag = max(0, info.last_seq - self.bus.last_seq)
+            except Exception as exc:  # noqa: BLE001 - no lag figure rather than no metrics
+                logger.debug("no bus lag for /metrics: %s", exc)
+                lag = None
+        body = render_metrics(stats, lag)
+        return _response(http.HTTPStatus.OK, body, METRICS_CONTENT_TYPE)
+
+    def local_stats(self) -> dict[str, Any]:
+        """This node's own stats."""
         stats = self.manager.get_stats()
         stats["max_message_size"] = self.max_message_size
         stats["max_patterns"] = self.max_patterns
@@ -936,6 +980,10 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
             **self.options,
         )
         restore = _filter_accept_errors(asyncio.get_running_loop(), self.sock, self.handler)
+        host, port = self.sock.getsockname()[:2]
+        nodes = nodes_for(self.bus, port, host, self.handler.local_stats)
+        self.handler.nodes = nodes
+        await nodes.start()  # reports this node's figures to a shared log (a failure is logged)
         subscription = self.manager.attach(self.bus) if self.broadcast else None
         host = self.sock.getsockname()[0]
         self._server = Server(
