@@ -228,6 +228,9 @@ class Supervisor:
                 f"{worker.index},{ready_write},{self._parent_read}",
                 stdin=asyncio.subprocess.DEVNULL,
                 pass_fds=(ready_write, self._parent_read),
+                # Its own session: a terminal's Ctrl+C reaches the supervisor only, which
+                # forwards it, so a child never looks as if it died on its own.
+                start_new_session=True,
             )
         finally:
             os.close(ready_write)

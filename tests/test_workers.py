@@ -243,6 +243,14 @@ async def test_a_killed_worker_is_restarted(redis_server: RedisServer) -> None:
         assert "stopped 2 workers (1 restarts)" in "".join(running.err)
 
 
+async def test_workers_stop_when_the_supervisor_is_killed(redis_server: RedisServer) -> None:
+    async with workers(redis_server) as running:
+        assert all(map(_alive, running.pids))
+        running.process.kill()  # no chance to forward anything: the workers see its pipe close
+        await running.finish()
+        await wait_for(lambda: not any(map(_alive, running.pids)), 15)
+
+
 @pytest.mark.parametrize("bus", [None, "memory://", "memory://shared"])
 def test_workers_need_a_shared_bus(
     bus: str | None, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
