@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -80,6 +81,27 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"invalid number {value}: at least 1")
     return value
+
+
+def _workers(text: str) -> int:
+    from .workers import MAX_WORKERS
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}: expected an integer") from None
+    if not 1 <= value <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"invalid number {value}: from 1 to {MAX_WORKERS}")
+    return value
+
+
+def _worker(text: str) -> tuple[int, int, int]:
+    from .workers import worker_argument
+
+    try:
+        return worker_argument(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _seconds(text: str) -> float:
@@ -970,6 +992,15 @@ def _build_parser() -> argparse.ArgumentParser:
         "redis://HOST:PORT/DB (shared by every server on it: one stream); "
         "default from $GATHERING_LAB_BUS",
     )
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="run N server processes on the port (SO_REUSEPORT, Linux), each a node of the "
+        "shared --bus redis://... log; restarted when one dies (default 1)",
+    )
+    serve.add_argument("--worker", type=_worker, default=None, help=argparse.SUPPRESS)
     serve.add_argument("--certfile", help="TLS certificate (PEM) to serve wss://")
     serve.add_argument("--keyfile", help="TLS private key (PEM), with --certfile")
     _add_limit_arguments(serve)
@@ -1027,11 +1058,14 @@ async def _serve(args: argparse.Namespace) -> int:
     auth = _auth_from_args(args)
     bus = await _start_bus(args)
     _raise_descriptor_limit(args.max_connections)
+    worker = args.worker[0] if args.worker is not None else None
     try:
         server = await serve(
             args.host,
             args.port,
             bus=bus,
+            reuse_port=worker is not None,
+            worker=worker,
             max_patterns=args.max_patterns,
             allowed_origins=args.allowed_origin,
             auth=auth,
@@ -1059,6 +1093,12 @@ async def _serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if args.worker is not None:
+        await _serve_as_worker(args.worker, server, stop)
+        server.close()
+        await server.wait_closed()
+        await bus.close()
+        return 0
     print(f"gathering-lab {__version__} serving", flush=True)
     print(f"  WebSocket  {server.url}", flush=True)
     print(f"  dashboard  {server.http_url}/dashboard", flush=True)
@@ -1074,6 +1114,71 @@ async def _serve(args: argparse.Namespace) -> int:
     if bus is not event_bus:
         await bus.close()
     return 0
+
+
+async def _serve_as_worker(worker: tuple[int, int, int], server: Any, stop: asyncio.Event) -> None:
+    """Tell the supervisor this worker serves, then wait for a signal or the supervisor's end."""
+    index, ready_fd, parent_fd = worker
+    loop = asyncio.get_running_loop()
+    logger.info("worker %d (pid %d) serving on %s", index, os.getpid(), server.url)
+    os.write(ready_fd, b"ready\n")
+    os.close(ready_fd)
+    # The supervisor never writes: the pipe reads EOF when it is gone.
+    loop.add_reader(parent_fd, stop.set)
+    await stop.wait()
+    loop.remove_reader(parent_fd)
+    logger.info("worker %d (pid %d) stopping: closing clients with 1001", index, os.getpid())
+
+
+def _serve_workers(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``serve --workers N``: a supervisor of N serving processes on one port (workers.py)."""
+    from .backends.bus import BUS_ENV
+
+    url = args.bus if args.bus is not None else os.environ.get(BUS_ENV) or None
+    if url is None or url.strip().lower().startswith("memory:"):
+        print(
+            f"gathering-lab serve: error: --workers {args.workers} needs a shared bus, e.g. "
+            f"--bus redis://127.0.0.1:6379/0: with the memory bus ({url or 'memory://'}) each "
+            "worker would have its own events",
+            file=sys.stderr,
+        )
+        return 2
+    if not sys.platform.startswith("linux") or not hasattr(socket, "SO_REUSEPORT"):
+        print(
+            f"gathering-lab serve: error: --workers {args.workers} needs SO_REUSEPORT load "
+            f"balancing (Linux), not available on {sys.platform}",
+            file=sys.stderr,
+        )
+        return 2
+    return asyncio.run(_supervise(args, argv))
+
+
+async def _supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    from .workers import Supervisor, child_command, probe_socket
+
+    bus = await _start_bus(args)  # one clear line now if the log is unreachable
+    await bus.close()
+    try:
+        sock = probe_socket(args.host, args.port)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"gathering-lab serve: error: {_bind_error(args, exc)}") from None
+    supervisor = Supervisor(child_command(argv), args.workers, sock)
+
+    def ready(supervisor: Supervisor) -> None:
+        host = f"[{args.host}]" if ":" in args.host else args.host
+        scheme = "wss" if args.certfile else "ws"
+        pids = ", ".join(str(w.process.pid) for w in supervisor.workers if w.process)
+        print(
+            f"gathering-lab {__version__} serving {scheme}://{host}:{supervisor.port}/ws/dashboard"
+            f" with {supervisor.count} workers (pids {pids}; bus {_bus_line(bus)}); "
+            "Ctrl+C to stop",
+            flush=True,
+        )
+
+    code = await supervisor.run(ready)
+    if supervisor.failure is not None:
+        print(f"gathering-lab serve: error: {supervisor.failure}", file=sys.stderr, flush=True)
+    return code
 
 
 async def _start_bus(args: argparse.Namespace) -> Any:
@@ -1213,10 +1318,13 @@ def _token(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``gathering-lab`` command line; returns the exit status."""
     parser = _build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    worker = getattr(args, "worker", None)
+    tag = f"[worker {worker[0]} pid {os.getpid()}] " if worker is not None else ""
     logging.basicConfig(
         level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {tag}%(name)s: %(message)s",
     )
     if args.log_level != "debug":
         # websockets logs every connection and HTTP response at INFO: too chatty.
@@ -1225,6 +1333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _resolve_url(args)
     try:
         if args.command == "serve":
+            if args.workers > 1 and args.worker is None:
+                return _serve_workers(args, argv)
             return asyncio.run(_serve(args))
         if args.command == "demo":
             return asyncio.run(_demo(args))

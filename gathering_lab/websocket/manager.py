@@ -213,6 +213,8 @@ class ConnectionManager:
         self._last_seq: dict[str | None, int] = {}
         self._attachments: set[str] = set()  # bus subscriptions that feed broadcast()
         self._ids = itertools.count(1)
+        #: Generated client ids start with this (``client-w1`` in worker 1 of serve --workers).
+        self.client_id_prefix = "client"
         self.total_connections = 0
         self.total_messages_sent = 0
         self.total_broadcasts = 0
@@ -352,7 +354,7 @@ class ConnectionManager:
 
     def new_client_id(self) -> str:
         """Return a client id for a client that did not give one."""
-        return f"client-{next(self._ids)}-{protocol.new_event_id()[4:12]}"
+        return f"{self.client_id_prefix}-{next(self._ids)}-{protocol.new_event_id()[4:12]}"
 
     @property
     def sessions(self) -> list[Session]:

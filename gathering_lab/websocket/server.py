@@ -18,6 +18,7 @@ import http
 import ipaddress
 import json
 import logging
+import os
 import re
 import socket
 import time
@@ -363,6 +364,8 @@ class _Handler:
         self._policies: dict[Session, ClientPolicy] = {}
         #: How clients' connections ended, by close code sent (or received).
         self.close_codes: dict[str, int] = {}
+        #: This process's index among several serving one port (serve --workers), or None.
+        self.worker: int | None = None
         self._unavailable_log = LogThrottle(LOG_INTERVAL)
         #: This node and the others on the same shared log (set by serve()).
         self.nodes: Nodes = Nodes("", "", self.local_stats)
@@ -401,6 +404,7 @@ class _Handler:
                     "active_connections": self.manager.active_connections,
                     "seq": self.bus.last_seq,
                     "epoch": self.bus.epoch,
+                    **self._worker_fields(),
                 },
             )
         if path in ("/admin/websocket/stats", "/metrics"):
@@ -459,6 +463,10 @@ class _Handler:
             )
         return None
 
+    def _worker_fields(self) -> dict[str, Any]:
+        """``worker`` and ``pid`` for a server that is one of several processes on a port."""
+        return {} if self.worker is None else {"worker": self.worker, "pid": os.getpid()}
+
     def stats(self) -> dict[str, Any]:
         """The stats, summed over the live nodes as last read (see backends/nodes.py)."""
         return cluster_stats(self.local_stats(), self.nodes, self.nodes.cached())
@@ -494,6 +502,7 @@ class _Handler:
     def local_stats(self) -> dict[str, Any]:
         """This node's own stats."""
         stats = self.manager.get_stats()
+        stats.update(self._worker_fields())
         stats["max_message_size"] = self.max_message_size
         stats["max_patterns"] = self.max_patterns
         stats["protocol_errors"] = dict(self.counters.protocol_errors)
@@ -727,8 +736,12 @@ def _is_loopback(sock: socket.socket) -> bool:
         return False
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """Bind a listening TCP socket now, so a busy port fails at once with a clear error."""
+def _bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """Bind a listening TCP socket now, so a busy port fails at once with a clear error.
+
+    With ``reuse_port`` the socket sets SO_REUSEPORT: several processes bind the same port
+    and the kernel spreads new connections over them (Linux).
+    """
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
         raise ValueError(f"port must be an integer from 0 to 65535, not {port!r}")
     try:
@@ -739,6 +752,8 @@ def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, type_, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
         sock.listen(1024)
     except OSError as exc:
@@ -826,9 +841,12 @@ def _filter_accept_errors(
     return restore
 
 
-def bind(host: str = "127.0.0.1", port: int = 8000) -> socket.socket:
-    """Bind a listening socket for :func:`serve` (``sock=``); raises PortInUseError if busy."""
-    return _bind(host, port)
+def bind(host: str = "127.0.0.1", port: int = 8000, *, reuse_port: bool = False) -> socket.socket:
+    """Bind a listening socket for :func:`serve` (``sock=``); raises PortInUseError if busy.
+
+    ``reuse_port=True`` sets SO_REUSEPORT, so several processes can serve one port.
+    """
+    return _bind(host, port, reuse_port)
 
 
 class serve:  # noqa: N801 - used like a function, as websockets.serve is
@@ -844,6 +862,10 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
     (or ``memory://NAME``) opens a :class:`~gathering_lab.backends.bus.LogBus` on that shared
     log, started before serving (BackendUnavailable if the log cannot be reached) and closed
     by :meth:`Server.wait_closed`: several servers on one log give one stream.
+
+    ``reuse_port=True`` binds with SO_REUSEPORT (several processes on one port); ``worker``
+    names this process among them: ``/health`` and the stats then carry ``worker`` and
+    ``pid``, and generated client ids start with ``client-w<worker>-``.
 
     ``write_delay`` (seconds, off by default) holds each client's frames up to that long
     and writes them as one buffer: fewer writes for up to that much more latency.
@@ -868,6 +890,8 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
         manager: ConnectionManager | None = None,
         broadcast: bool = True,
         sock: socket.socket | None = None,
+        reuse_port: bool = False,
+        worker: int | None = None,
         # Security
         allowed_origins: Iterable[str] = (),
         auth: JWTAuth | None = None,
@@ -931,7 +955,9 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
             self.manager.write_delay = check_write_delay(write_delay)
         self.manager.max_message_size = max_message_size
         self.broadcast = broadcast
-        self.sock = sock if sock is not None else _bind(host, port)
+        if worker is not None:
+            self.manager.client_id_prefix = f"client-w{worker}"
+        self.sock = sock if sock is not None else _bind(host, port, reuse_port)
         if auth is None and not _is_loopback(self.sock):
             logger.warning(
                 "serving on %s without authentication: whoever reaches this port reads every "
@@ -951,6 +977,7 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
             rates=rates,
         )
         self.handler.all_events = broadcast
+        self.handler.worker = worker
         self.options: dict[str, Any] = {
             "compression": "deflate" if compression == "deflate" else None,
             "max_size": max_message_size,
