@@ -73,16 +73,6 @@ def _milliseconds(text: str) -> float:
     return value
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}: expected an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid number {value}: at least 1")
-    return value
-
-
 def _workers(text: str) -> int:
     from .workers import MAX_WORKERS
 
@@ -959,7 +949,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--history",
-        type=_positive,
+        type=_positive_int,
         default=10_000,
         metavar="N",
         help="events kept for clients that resume (10000)",
@@ -973,7 +963,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--max-patterns",
-        type=_positive,
+        type=_positive_int,
         default=64,
         metavar="N",
         help="event type patterns one subscribe may hold (64)",
