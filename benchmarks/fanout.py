@@ -7,7 +7,14 @@ Servers (``--servers``, interleaved within every cell and rotated between repeti
 * ``fastapi`` -- ``benchmarks/peers/fastapi_manager.py``: FastAPI + uvicorn + the original
   ConnectionManager (``send_json`` per client under ``asyncio.gather``);
 * ``fastapi-loop`` -- the same with a sequential ``for`` loop instead of ``gather`` (not run
-  unless named: ``--servers lab,bare,fastapi,fastapi-loop``).
+  unless named: ``--servers lab,bare,fastapi,fastapi-loop``);
+* ``lab-redis`` -- our server as a node of a Redis Streams log (``serve --bus redis://...``),
+  with a fresh ``redis-server`` per run started by the harness (loopback, free port, temp dir,
+  ``appendonly yes``, ``appendfsync everysec``); Redis's own CPU is measured apart;
+* ``lab-2nodes`` -- two such nodes on one fresh Redis, M/2 subscribers on each, the publisher
+  on the first; server CPU is the sum of both nodes;
+* ``lab-wd`` -- ``lab`` with ``--write-delay`` (``--write-delay`` of this script, 20ms);
+  ``lab-redis-wd`` and ``lab-2nodes-wd`` likewise.
 
 Each run starts a fresh server process, connects the publisher, reads the server's RSS,
 connects M thin subscribers (``loadgen.py``), reads RSS again (idle cost per connection), then
@@ -34,10 +41,12 @@ import os
 import platform
 import resource
 import shlex
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -53,7 +62,9 @@ HOST = "127.0.0.1"  # never anything else
 
 FULL_CELLS = "full:10:4000,full:100:1000,full:1000:200,rate:100:1000:200"
 QUICK_CELLS = "full:10:400,full:100:150,full:1000:25,rate:100:200:200"
-SERVER_NAMES = ("lab", "bare", "fastapi", "fastapi-loop")
+LAB_NAMES = ("lab", "lab-wd", "lab-redis", "lab-redis-wd", "lab-2nodes", "lab-2nodes-wd")
+REDIS_NAMES = ("lab-redis", "lab-redis-wd", "lab-2nodes", "lab-2nodes-wd")
+SERVER_NAMES = ("bare", "fastapi", "fastapi-loop", *LAB_NAMES)
 
 
 @dataclass(frozen=True)
@@ -98,17 +109,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def server_command(name: str, port: int, args: argparse.Namespace) -> list[str]:
-    """The command line that starts server ``name`` on ``port``."""
+def server_command(
+    name: str, port: int, args: argparse.Namespace, bus: str | None = None
+) -> list[str]:
+    """The command line that starts server ``name`` on ``port`` (a lab node on ``bus``)."""
     py = sys.executable
-    if name == "lab":
+    if name in LAB_NAMES:
+        extra = ["--bus", bus] if bus else []
+        if name.endswith("-wd"):
+            extra += [f"--write-delay={args.write_delay}"]
         return [
             py, "-m", "gathering_lab", "serve", "--host", HOST, "--port", str(port),
             "--log-level", "warning",
             # Every client is on loopback, and the publisher goes full speed: this measures
             # fan-out, not admission (the peers have no such limits either).
             "--max-connections-per-ip", "0", "--publish-rate", "0",
-            *args.lab_arg,
+            *extra, *args.lab_arg,
         ]  # fmt: skip
     if name == "bare":
         script, extra = "bare_websockets.py", args.bare_arg
@@ -192,29 +208,128 @@ class ServerProcess:
         self.log.close()
 
 
+class RedisProcess:
+    """A fresh ``redis-server`` for one run: loopback, free port, its AOF in a temp dir.
+
+    ``appendfsync everysec`` is the production-like setting (Redis's default once the AOF is
+    on); the tests use ``always``, which costs an fsync per append.
+    """
+
+    def __init__(self, log_path: Path, fsync: str = "everysec") -> None:
+        executable = shutil.which("redis-server")
+        if executable is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        self.port = free_port()
+        self.tmp = tempfile.TemporaryDirectory(prefix="fanout-redis-")
+        cmd = [
+            executable, "--port", str(self.port), "--bind", HOST, "--dir", self.tmp.name,
+            "--appendonly", "yes", "--appendfsync", fsync, "--save", "",
+            "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning",
+        ]  # fmt: skip
+        self.log = open(log_path, "ab")  # closed in stop()
+        self.log.write(f"\n=== {datetime.now().isoformat()} {shlex.join(cmd)}\n".encode())
+        self.log.flush()
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.ps = psutil.Process(self.proc.pid)
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0``."""
+        return f"redis://{HOST}:{self.port}/0"
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        """Poll with PING until ``+PONG``; raise if the process dies or time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode} at startup")
+            try:
+                with socket.create_connection((HOST, self.port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server not answering on {self.port} after {timeout:.0f}s")
+
+    def stop(self) -> None:
+        """SIGTERM, SIGKILL after 5 s (this child only, by its pid); remove its data."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.log.close()
+        self.tmp.cleanup()
+
+
+@dataclass
+class Deployment:
+    """What one run measures: one or two server processes, and the Redis behind them."""
+
+    nodes: list[ServerProcess]
+    redis: RedisProcess | None = None
+
+    def stop(self) -> None:
+        """Stop the nodes first, then Redis."""
+        for node in self.nodes:
+            node.stop()
+        if self.redis:
+            self.redis.stop()
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> float:
+    """utime + stime of ``procs``, summed."""
+    total = 0.0
+    for ps in procs:
+        t = ps.cpu_times()
+        total += t.user + t.system
+    return total
+
+
 # --------------------------------------------------------------------------------------------
 # One run
 
 
-async def measure(server: ServerProcess, cell: Cell, args: argparse.Namespace) -> dict[str, Any]:
-    """Connect, publish, wait for the last event (bounded); return the run's metrics."""
-    pid = server.proc.pid
+async def measure(deploy: Deployment, cell: Cell, args: argparse.Namespace) -> dict[str, Any]:
+    """Connect, publish, wait for the last event (bounded); return the run's metrics.
+
+    With several nodes the publisher is on the first and the subscribers are split evenly
+    between them (distinct client ids); deliveries are counted across all of them.
+    """
+    nodes = deploy.nodes
+    pids = [n.proc.pid for n in nodes]
+    server_ps = [n.ps for n in nodes]
+    redis_ps = [deploy.redis.ps] if deploy.redis else []
     state = loadgen.LoadState(
         events=cell.events, subscribers=cell.subscribers, deflate=args.client_deflate
     )
-    pub = await loadgen.Publisher.open(HOST, server.port, cell.events, deflate=args.client_deflate)
+    pub = await loadgen.Publisher.open(
+        HOST, nodes[0].port, cell.events, deflate=args.client_deflate
+    )
     subs: list[loadgen.ThinSubscriber] = []
     try:
         await asyncio.sleep(0.3)
-        rss_before = proc_status(pid)["VmRSS"]
-        subs = await loadgen.connect_subscribers(
-            state, HOST, server.port, cell.subscribers, timeout=60 * args.timeout_scale
-        )
+        rss_before = sum(proc_status(pid)["VmRSS"] for pid in pids)
+        first = 0
+        for i, node in enumerate(nodes):
+            count = cell.subscribers // len(nodes) + (i < cell.subscribers % len(nodes))
+            subs += await loadgen.connect_subscribers(
+                state, HOST, node.port, count, first_index=first,
+                timeout=60 * args.timeout_scale,
+            )  # fmt: skip
+            first += count
         await asyncio.sleep(0.5 if cell.subscribers < 500 else 1.0)
-        rss_idle = proc_status(pid)["VmRSS"]
+        rss_idle = sum(proc_status(pid)["VmRSS"] for pid in pids)
 
         box0 = box_busy_seconds()
-        cpu0, lg0, t0 = server.ps.cpu_times(), time.process_time(), time.perf_counter()
+        cpu0, redis0 = cpu_seconds(server_ps), cpu_seconds(redis_ps)
+        lg0, t0 = time.process_time(), time.perf_counter()
         publishing = asyncio.create_task(pub.publish(cell.rate, args.payload_bytes))
         timed_out = False
         try:
@@ -227,8 +342,9 @@ async def measure(server: ServerProcess, cell: Cell, args: argparse.Namespace) -
         except Exception as exc:  # the run is reported as failed, the benchmark goes on
             state.error(f"publisher: {exc!r}")
         wall = time.perf_counter() - t0
-        cpu1, lg1, box1 = server.ps.cpu_times(), time.process_time(), box_busy_seconds()
-        status = proc_status(pid)
+        cpu1, redis1 = cpu_seconds(server_ps), cpu_seconds(redis_ps)
+        lg1, box1 = time.process_time(), box_busy_seconds()
+        statuses = [proc_status(pid) for pid in pids]
         if not publishing.done():
             publishing.cancel()
             await asyncio.gather(publishing, return_exceptions=True)
@@ -238,21 +354,29 @@ async def measure(server: ServerProcess, cell: Cell, args: argparse.Namespace) -
         await pub.close()
 
     result = loadgen.summarize(state, subs, pub)
-    server_cpu = (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)
+    server_cpu = cpu1 - cpu0
+    redis_cpu = redis1 - redis0
     deliveries = max(result["deliveries"], 1)
+    nan = float("nan")
     result.update(
         timed_out=timed_out,
         wall_s=wall,
+        nodes=len(nodes),
         deliveries_per_s=result["deliveries"] / wall,
         server_cpu_s=server_cpu,
         cpu_us_per_delivery=1e6 * server_cpu / deliveries,
         server_cpu_pct=100 * server_cpu / wall,
+        # Redis (when there is one): its CPU per published event, and nodes + Redis per delivery.
+        redis_cpu_s=redis_cpu if redis_ps else nan,
+        redis_us_per_event=1e6 * redis_cpu / max(result["sent"], 1) if redis_ps else nan,
+        redis_cpu_pct=100 * redis_cpu / wall if redis_ps else nan,
+        total_us_per_delivery=1e6 * (server_cpu + redis_cpu) / deliveries,
         loadgen_cpu_pct=100 * (lg1 - lg0) / wall,
         # Everything else on the box (other processes, kernel, steal): the noise indicator.
-        other_cpu_pct=max(0.0, 100 * ((box1 - box0) - server_cpu - (lg1 - lg0)) / wall),
+        other_cpu_pct=max(0.0, 100 * ((box1 - box0) - server_cpu - redis_cpu - (lg1 - lg0)) / wall),
         rss_before_mib=rss_before / 2**20,
-        rss_end_mib=status["VmRSS"] / 2**20,
-        peak_rss_mib=status["VmHWM"] / 2**20,
+        rss_end_mib=sum(s["VmRSS"] for s in statuses) / 2**20,
+        peak_rss_mib=sum(s["VmHWM"] for s in statuses) / 2**20,
         idle_kib_per_conn=(rss_idle - rss_before) / 1024 / max(cell.subscribers, 1),
     )
     return result
@@ -262,17 +386,26 @@ def run_one(
     name: str, cell: Cell, rep: int, args: argparse.Namespace, logs: Path
 ) -> dict[str, Any]:
     """Start a fresh server, measure one cell against it, stop it."""
-    port = free_port()
     base: dict[str, Any] = {"server": name, "cell": cell.label, "rep": rep, "ok": False}
-    server = ServerProcess(name, server_command(name, port, args), port, logs / f"{name}.log")
+    deploy = Deployment(nodes=[])
     try:
-        server.wait_listening()
-        result = asyncio.run(measure(server, cell, args))
+        bus = None
+        if name in REDIS_NAMES:
+            deploy.redis = RedisProcess(logs / f"{name}-redis.log", fsync=args.redis_fsync)
+            deploy.redis.wait_ready()
+            bus = deploy.redis.url
+        for _ in range(2 if name.startswith("lab-2nodes") else 1):
+            port = free_port()
+            cmd = server_command(name, port, args, bus)
+            deploy.nodes.append(ServerProcess(name, cmd, port, logs / f"{name}.log"))
+        for node in deploy.nodes:
+            node.wait_listening()
+        result = asyncio.run(measure(deploy, cell, args))
     except Exception as exc:  # keep benchmarking the other servers
         base["error"] = repr(exc)
         return base
     finally:
-        server.stop()
+        deploy.stop()
     base.update(result)
     base["ok"] = not result["errors"] and not result["timed_out"]
     return base
@@ -284,6 +417,7 @@ def run_one(
 MEDIAN_KEYS = (
     "deliveries_per_s", "cpu_us_per_delivery", "server_cpu_pct", "p50_ms", "p99_ms",
     "peak_rss_mib", "idle_kib_per_conn", "loadgen_cpu_pct", "other_cpu_pct",
+    "redis_us_per_event", "redis_cpu_pct", "total_us_per_delivery",
 )  # fmt: skip
 LOADGEN_BOUND_PCT = 90.0  # at or above this, throughput is limited by the load generator
 SUM_KEYS = ("lost", "duplicates", "out_of_order", "connect_failed")
@@ -299,7 +433,7 @@ def summarize_runs(runs: list[dict[str, Any]], cells: list[Cell], servers: list[
             row: dict[str, Any] = {"cell": cell.label, "server": name, "reps": len(done)}
             row["failed_runs"] = sum(1 for r in mine if not r["ok"])
             for key in MEDIAN_KEYS:
-                values = [r[key] for r in done if not math.isnan(r[key])]
+                values = [r[key] for r in done if not math.isnan(r.get(key, math.nan))]
                 row[key] = statistics.median(values) if values else float("nan")
             for key in SUM_KEYS:
                 row[key] = sum(r[key] for r in done)
@@ -318,13 +452,18 @@ def compute_ratios(summary: list[dict], servers: list[str]) -> list[dict[str, An
     """lab÷bare, lab÷fastapi(-loop), bare÷fastapi of the medians, per cell and metric."""
     pairs = [
         ("lab", "bare"), ("lab", "fastapi"), ("lab", "fastapi-loop"), ("bare", "fastapi"),
-        ("bare", "fastapi-loop"),
+        ("bare", "fastapi-loop"), ("lab-redis", "lab"), ("lab-2nodes", "lab"),
+        ("lab-wd", "lab"), ("lab-wd", "bare"), ("lab-redis-wd", "lab-wd"),
+        ("lab-redis-wd", "bare"),
     ]  # fmt: skip
     pairs = [(a, b) for a, b in pairs if a in servers and b in servers]
     out = []
     by_key = {(r["cell"], r["server"]): r for r in summary}
     for cell in dict.fromkeys(r["cell"] for r in summary):
-        for metric in ("cpu_us_per_delivery", "p99_ms", "peak_rss_mib", "idle_kib_per_conn"):
+        for metric in (
+            "cpu_us_per_delivery", "total_us_per_delivery", "p99_ms", "peak_rss_mib",
+            "idle_kib_per_conn",
+        ):  # fmt: skip
             row: dict[str, Any] = {"cell": cell, "metric": metric}
             for a, b in pairs:
                 row[f"{a}/{b}"] = ratio(by_key[(cell, a)][metric], by_key[(cell, b)][metric])
@@ -402,7 +541,81 @@ def check_targets(summary: list[dict], cells: list[Cell]) -> list[tuple[str, boo
         checks.append((name, kib < 20, f"{kib:.1f} KiB{extra}"))
     else:
         checks.append((name, None, "not measured"))
+    checks += check_scaling_targets(summary, cells)
     return checks
+
+
+def check_scaling_targets(
+    summary: list[dict], cells: list[Cell]
+) -> list[tuple[str, bool | None, str]]:
+    """Issue 9's targets: the Redis bus, two nodes and the write delay, against this run."""
+    by_key = {(r["cell"], r["server"]): r for r in summary}
+
+    def row(cell: Cell | None, server: str) -> dict[str, Any] | None:
+        found = by_key.get((cell.label, server)) if cell else None
+        return found if found and found["reps"] else None
+
+    def find(m: int, rate: float | None) -> Cell | None:
+        return next((c for c in cells if c.subscribers == m and c.rate == rate), None)
+
+    def clean(r: dict[str, Any]) -> str:
+        return f"lost {r['lost']}, dup {r['duplicates']}, ooo {r['out_of_order']}"
+
+    def is_clean(r: dict[str, Any]) -> bool:
+        return r["lost"] == 0 and r["duplicates"] == 0 and r["out_of_order"] == 0
+
+    checks: list[tuple[str, bool | None, str]] = []
+    cell = find(1000, None)
+    lab, redis = row(cell, "lab"), row(cell, "lab-redis")
+    name = "CPU/delivery at M=1000 full speed: lab-redis node ≤ 1.15× lab (memory bus)"
+    if lab and redis:
+        r = ratio(redis["cpu_us_per_delivery"], lab["cpu_us_per_delivery"])
+        rt = ratio(redis["total_us_per_delivery"], lab["cpu_us_per_delivery"])
+        checks.append(
+            (name, r <= 1.15 and is_clean(redis), f"{r:.2f} (with Redis's CPU {rt:.2f}), "
+             + clean(redis))
+        )  # fmt: skip
+    else:
+        checks.append((name, None, "not measured"))
+    two = row(cell, "lab-2nodes")
+    name = "CPU/delivery at M=1000 full speed: 2 nodes (M/2 each) ≤ 1.1× 1 node (lab-redis)"
+    if two and redis:
+        r = ratio(two["cpu_us_per_delivery"], redis["cpu_us_per_delivery"])
+        rl = ratio(two["cpu_us_per_delivery"], lab["cpu_us_per_delivery"]) if lab else math.nan
+        checks.append((name, r <= 1.1 and is_clean(two), f"{r:.2f} (÷lab {rl:.2f}), " + clean(two)))
+    else:
+        checks.append((name, None, "not measured"))
+    for m in (100, 1000):
+        cell = find(m, 200.0)
+        lab, redis = row(cell, "lab"), row(cell, "lab-redis")
+        name = f"p99 at M={m}, 200 ev/s: lab-redis ≤ lab's p99 + 2 ms"
+        if cell and lab and redis:
+            ok = redis["p99_ms"] <= lab["p99_ms"] + 2.0 and is_clean(redis)
+            text = f"{redis['p99_ms']:.2f} vs {lab['p99_ms']:.2f} ms, " + clean(redis)
+            busy = max(lab["other_cpu_pct"], redis["other_cpu_pct"])
+            if busy > NOISY_OTHER_CPU_PCT:
+                text += f" — box busy (other CPU {busy:.0f}%)"
+            checks.append((name, ok, text))
+        else:
+            checks.append((name, None, "not measured"))
+    cell = find(1000, 200.0)
+    wd, bare = row(cell, "lab-wd"), row(cell, "bare")
+    name = "write delay at M=1000, 200 ev/s: lab-wd CPU/delivery ≤ 0.3× bare, p99 ≤ delay + bare's"
+    if cell and wd and bare:
+        delay_ms = WRITE_DELAY_MS[0]
+        r = ratio(wd["cpu_us_per_delivery"], bare["cpu_us_per_delivery"])
+        ok = r <= 0.3 and wd["p99_ms"] <= delay_ms + bare["p99_ms"] and is_clean(wd)
+        text = (
+            f"÷bare {r:.2f}, p99 {wd['p99_ms']:.2f} ms vs {delay_ms:g} + "
+            f"{bare['p99_ms']:.2f} ms, " + clean(wd)
+        )
+        checks.append((name, ok, text))
+    else:
+        checks.append((name, None, "not measured"))
+    return checks
+
+
+WRITE_DELAY_MS = [20.0]  # set from --write-delay in main()
 
 
 def fmt(value: float, digits: int = 1) -> str:
@@ -468,8 +681,8 @@ def render(meta: dict[str, Any], summary: list[dict], ratios: list[dict], checks
     lines += [
         "| cell | server | deliveries/s | server CPU µs/delivery | server CPU % | p50 ms "
         "| p99 ms | lost | dup | ooo | peak RSS MiB | idle KiB/conn | loadgen CPU % "
-        "| other CPU % |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| other CPU % | Redis CPU µs/event | Redis CPU % | server+Redis µs/delivery |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in summary:
         failed = f" ({r['failed_runs']} failed)" if r["failed_runs"] else ""
@@ -479,14 +692,18 @@ def render(meta: dict[str, Any], summary: list[dict], ratios: list[dict], checks
             f"| {fmt(r['cpu_us_per_delivery'])} | {fmt(r['server_cpu_pct'], 0)} "
             f"| {fmt(r['p50_ms'], 2)} | {fmt(r['p99_ms'], 2)} | {r['lost']} | {r['duplicates']} "
             f"| {r['out_of_order']} | {fmt(r['peak_rss_mib'])} | {fmt(r['idle_kib_per_conn'])} "
-            f"| {fmt(r['loadgen_cpu_pct'], 0)} | {fmt(r['other_cpu_pct'], 0)} |"
+            f"| {fmt(r['loadgen_cpu_pct'], 0)} | {fmt(r['other_cpu_pct'], 0)} "
+            f"| {fmt(r['redis_us_per_event'])} | {fmt(r['redis_cpu_pct'], 0)} "
+            f"| {fmt(r['total_us_per_delivery'])} |"
         )
     lines += [
         "",
         "CPU % is of one core over the publishing phase. † = load generator at "
         f"≥{LOADGEN_BOUND_PCT:.0f}% CPU: that throughput is bounded by the client, not the server "
         "(CPU per delivery is still the server's own). Other CPU % = the rest of the box "
-        "(other processes, kernel, steal) during the same phase: the noise indicator.",
+        "(other processes, kernel, steal) during the same phase: the noise indicator. "
+        "lab-2nodes: CPU, RSS and idle KiB/conn summed over both nodes. Redis CPU µs/event: "
+        "redis-server's CPU over the phase ÷ events published.",
     ]
     if ratios:
         pair_keys = [k for k in ratios[0] if "/" in k]
@@ -520,6 +737,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bare-arg", action="append", default=[], help="extra arg for bare peer")
     p.add_argument("--fastapi-arg", action="append", default=[], help="extra arg, fastapi peer")
     p.add_argument("--client-deflate", action="store_true", help="clients offer compression")
+    p.add_argument("--write-delay", default="20ms", help="lab-wd's --write-delay (20ms)")
+    p.add_argument(
+        "--redis-fsync", default="everysec", choices=("everysec", "always", "no"),
+        help="appendfsync of the harness's redis-server (everysec)",
+    )  # fmt: skip
     p.add_argument("--timeout-scale", type=float, default=1.0, help="multiply all timeouts")
     p.add_argument("--label", default="", help="suffix for the result file names")
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
@@ -533,6 +755,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for s in (args.cells or (QUICK_CELLS if args.quick else FULL_CELLS)).split(",")
     ]
     args.reps = args.reps or (1 if args.quick else 5)
+    delay = args.write_delay.strip().lower()
+    try:
+        WRITE_DELAY_MS[0] = float(delay[:-2]) if delay.endswith("ms") else 1000 * float(delay)
+    except ValueError:
+        p.error(f"bad --write-delay {args.write_delay!r}: use e.g. 20ms")
     return args
 
 
@@ -557,6 +784,9 @@ def main(argv: list[str] | None = None) -> int:
     if "lab" in servers and (why := lab_available()):
         notes.append(f"lab skipped: {why}")
         servers.remove("lab")
+    if any(s in REDIS_NAMES for s in servers) and shutil.which("redis-server") is None:
+        notes.append("lab-redis/lab-2nodes skipped: redis-server is not installed")
+        servers = [s for s in servers if s not in REDIS_NAMES]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     stem = f"fanout-{stamp}" + (f"-{args.label}" if args.label else "")
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -595,6 +825,9 @@ def main(argv: list[str] | None = None) -> int:
         "servers": servers,
         "notes": notes,
         "lab_args": args.lab_arg,
+        "write_delay": args.write_delay,
+        "redis_fsync": args.redis_fsync,
+        "redis_version": redis_version(),
     }
     report = render(meta, summary, ratios, checks)
     (args.out_dir / f"{stem}.md").write_text(report, encoding="utf-8")
@@ -605,12 +838,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def redis_version() -> str:
+    """``redis-server --version``'s version, or ``n/a``."""
+    exe = shutil.which("redis-server")
+    if not exe:
+        return "n/a"
+    out = subprocess.run([exe, "--version"], capture_output=True, check=False).stdout.decode()
+    return next((w[2:] for w in out.split() if w.startswith("v=")), out.strip() or "n/a")
+
+
 def progress_line(run: dict[str, Any]) -> str:
     """One stderr line per run, so a long benchmark shows it is alive."""
     if "error" in run:
         return f"  {run['cell']:<28} {run['server']:<8} rep {run['rep']}: ERROR {run['error']}"
     return (
-        f"  {run['cell']:<28} {run['server']:<8} rep {run['rep']}: "
+        f"  {run['cell']:<28} {run['server']:<10} rep {run['rep']}: "
         f"{run['deliveries_per_s']:>9,.0f} deliv/s  {run['cpu_us_per_delivery']:6.1f} µs/deliv  "
         f"p99 {run['p99_ms']:8.2f} ms  lost {run['lost']}  loadgen {run['loadgen_cpu_pct']:3.0f}%"
         + ("" if run["ok"] else f"  [{'timeout' if run['timed_out'] else run['errors'][:2]}]")

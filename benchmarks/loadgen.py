@@ -52,13 +52,20 @@ async def connect_subscribers(
     port: int,
     count: int,
     *,
+    first_index: int = 0,
     concurrency: int = 50,
     timeout: float = 60.0,
 ) -> list[ThinSubscriber]:
-    """Open ``count`` thin subscribers to ``host:port``; see :func:`load.connect_swarm`."""
+    """Open ``count`` thin subscribers to ``host:port``; see :func:`load.connect_swarm`.
+
+    Called once per node with the same ``state`` (and ``first_index`` past the previous
+    call's), it spreads one run's subscribers over several nodes, counted together.
+    """
     state.target = Target.parse(f"ws://{host}:{port}{WS_PATH}")
     state.client_prefix = "bench-sub"
-    return await load.connect_swarm(state, count, concurrency=concurrency, timeout=timeout)
+    return await load.connect_swarm(
+        state, count, first_index=first_index, concurrency=concurrency, timeout=timeout
+    )
 
 
 class Publisher(load.Publisher):
