@@ -208,72 +208,12 @@ class ServerProcess:
         self.log.close()
 
 
-class RedisProcess:
-    """A fresh ``redis-server`` for one run: loopback, free port, its AOF in a temp dir.
-
-    ``appendfsync everysec`` is the production-like setting (Redis's default once the AOF is
-    on); the tests use ``always``, which costs an fsync per append.
-    """
-
-    def __init__(self, log_path: Path, fsync: str = "everysec") -> None:
-        executable = shutil.which("redis-server")
-        if executable is None:
-            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        self.port = free_port()
-        self.tmp = tempfile.TemporaryDirectory(prefix="fanout-redis-")
-        cmd = [
-            executable, "--port", str(self.port), "--bind", HOST, "--dir", self.tmp.name,
-            "--appendonly", "yes", "--appendfsync", fsync, "--save", "",
-            "--daemonize", "no", "--protected-mode", "yes", "--loglevel", "warning",
-        ]  # fmt: skip
-        self.log = open(log_path, "ab")  # closed in stop()
-        self.log.write(f"\n=== {datetime.now().isoformat()} {shlex.join(cmd)}\n".encode())
-        self.log.flush()
-        self.proc = subprocess.Popen(
-            cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.ps = psutil.Process(self.proc.pid)
-
-    @property
-    def url(self) -> str:
-        """``redis://127.0.0.1:PORT/0``."""
-        return f"redis://{HOST}:{self.port}/0"
-
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        """Poll with PING until ``+PONG``; raise if the process dies or time runs out."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode} at startup")
-            try:
-                with socket.create_connection((HOST, self.port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-server not answering on {self.port} after {timeout:.0f}s")
-
-    def stop(self) -> None:
-        """SIGTERM, SIGKILL after 5 s (this child only, by its pid); remove its data."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=5)
-        self.log.close()
-        self.tmp.cleanup()
-
-
 @dataclass
 class Deployment:
     """What one run measures: one or two server processes, and the Redis behind them."""
 
     nodes: list[ServerProcess]
-    redis: RedisProcess | None = None
+    redis: Any = None  # a gathering_lab.testing.RedisServer for the Redis-bus servers
 
     def stop(self) -> None:
         """Stop the nodes first, then Redis."""
@@ -305,7 +245,8 @@ async def measure(deploy: Deployment, cell: Cell, args: argparse.Namespace) -> d
     nodes = deploy.nodes
     pids = [n.proc.pid for n in nodes]
     server_ps = [n.ps for n in nodes]
-    redis_ps = [deploy.redis.ps] if deploy.redis else []
+    redis = deploy.redis
+    redis_ps = [psutil.Process(redis.process.pid)] if redis and redis.process else []
     state = loadgen.LoadState(
         events=cell.events, subscribers=cell.subscribers, deflate=args.client_deflate
     )
@@ -391,8 +332,12 @@ def run_one(
     try:
         bus = None
         if name in REDIS_NAMES:
-            deploy.redis = RedisProcess(logs / f"{name}-redis.log", fsync=args.redis_fsync)
-            deploy.redis.wait_ready()
+            from gathering_lab.testing import RedisServer  # only for the Redis-bus servers
+
+            # everysec: the production-like setting (tests use always: an fsync per append).
+            redis_dir = Path(tempfile.mkdtemp(prefix="fanout-redis-", dir=logs))
+            deploy.redis = RedisServer(redis_dir, appendfsync=args.redis_fsync)
+            deploy.redis.start(wait=20)
             bus = deploy.redis.url
         for _ in range(2 if name.startswith("lab-2nodes") else 1):
             port = free_port()

@@ -501,6 +501,15 @@ class EventBus:
         return found
 
     @property
+    def health(self) -> str:
+        """``ok``: an in-process bus is always reachable (one on a shared log may be degraded)."""
+        return "ok"
+
+    async def catch_up(self, seq: int, timeout: float | None = None) -> bool:
+        """Wait until this bus has delivered ``seq`` (in-process it already has); True when so."""
+        return True
+
+    @property
     def last_seq(self) -> int:
         """The ``seq`` of the most recently published event (0 before the first)."""
         return self._seq

@@ -124,7 +124,15 @@ class RedisServer:
     same data; :meth:`pause`/:meth:`resume` (SIGSTOP/SIGCONT) make it hang.
     """
 
-    def __init__(self, directory: Path, port: int | None = None, appendonly: bool = True) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        port: int | None = None,
+        appendonly: bool = True,
+        appendfsync: str = "always",
+    ) -> None:
+        if appendfsync not in ("always", "everysec", "no"):
+            raise ValueError(f"appendfsync must be always, everysec or no, not {appendfsync!r}")
         executable = shutil.which("redis-server")
         if executable is None:
             raise FileNotFoundError("redis-server is not installed (apt-get install redis-server)")
@@ -132,6 +140,7 @@ class RedisServer:
         self.dir = Path(directory)
         self.port = port or free_port()
         self.appendonly = appendonly
+        self.appendfsync = appendfsync  # "always" in tests: every acknowledged append is on disk
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -146,7 +155,7 @@ class RedisServer:
         args = [
             self.executable, "--port", str(self.port), "--bind", "127.0.0.1",
             "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log"),
-            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
+            "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", self.appendfsync,
             "--save", "", "--daemonize", "no", "--protected-mode", "yes",
         ]
         # fmt: on

@@ -395,7 +395,7 @@ class _Handler:
             return self.gate.admit(connection)
         if path == "/health":
             # A bus on a shared log is degraded while the log cannot be reached.
-            health = getattr(self.bus, "health", "ok")
+            health = self.bus.health
             return _json_response(
                 http.HTTPStatus.OK if health == "ok" else http.HTTPStatus.SERVICE_UNAVAILABLE,
                 {
@@ -686,11 +686,10 @@ class _Handler:
         so none is sent twice.
         """
         join = not session.live
-        catch_up = getattr(self.bus, "catch_up", None)
-        if catch_up is not None and resume.epoch == self.bus.epoch:
-            # A bus on a shared log: the client may have seen, on another node, events
-            # this node's tail has not delivered yet. Wait for them (bounded).
-            await catch_up(resume.since_seq)
+        if resume.epoch == self.bus.epoch:
+            # On a shared log the client may have seen, on another node, events this
+            # node's tail has not delivered yet: wait for them (bounded).
+            await self.bus.catch_up(resume.since_seq)
         sent, gap = await self.manager.replay(
             session,
             resume.since_seq,
