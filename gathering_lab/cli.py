@@ -73,6 +73,28 @@ def _milliseconds(text: str) -> float:
     return value
 
 
+def _report_seconds(text: str) -> float:
+    """A node report interval or TTL: ``2``, ``2s``, ``500ms``, ``1m`` as seconds."""
+    from .backends.nodes import MAX_REPORT_INTERVAL, MIN_REPORT_INTERVAL
+
+    raw = text.strip().lower()
+    if raw.endswith("ms"):
+        try:
+            value = float(raw.removesuffix("ms")) / 1000
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"invalid duration {text!r}: e.g. 2s, 500ms, 1m"
+            ) from None
+    else:
+        value = _seconds(text)
+    if not MIN_REPORT_INTERVAL <= value <= MAX_REPORT_INTERVAL:
+        raise argparse.ArgumentTypeError(
+            f"invalid duration {text!r}: from {MIN_REPORT_INTERVAL * 1000:g}ms "
+            f"to {MAX_REPORT_INTERVAL:g}s"
+        )
+    return value
+
+
 def _workers(text: str) -> int:
     from .workers import MAX_WORKERS
 
@@ -908,6 +930,8 @@ def _load(args: argparse.Namespace) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from .backends.nodes import REPORT_INTERVAL, TTL_INTERVALS
+
     parser = argparse.ArgumentParser(
         prog="gathering-lab",
         description="Serve, generate and watch GatheRing events over WebSocket.",
@@ -990,6 +1014,23 @@ def _build_parser() -> argparse.ArgumentParser:
         help="run N server processes on the port (SO_REUSEPORT, Linux), each a node of the "
         "shared --bus redis://... log; restarted when one dies (default 1)",
     )
+    serve.add_argument(
+        "--node-report-interval",
+        type=_report_seconds,
+        default=REPORT_INTERVAL,
+        metavar="DURATION",
+        help=f"on a shared --bus redis://... log, how often this node reports its figures "
+        f"for the cluster-wide stats: 2s, 500ms (default {REPORT_INTERVAL:g}s)",
+    )
+    serve.add_argument(
+        "--node-ttl",
+        type=_report_seconds,
+        default=None,
+        metavar="DURATION",
+        help="how long a node's report lives: a node that stops reporting (killed, cut "
+        "off) drops out of the stats' nodes after it; must exceed --node-report-interval "
+        f"(default {TTL_INTERVALS} intervals)",
+    )
     serve.add_argument("--worker", type=_worker, default=None, help=argparse.SUPPRESS)
     serve.add_argument("--certfile", help="TLS certificate (PEM) to serve wss://")
     serve.add_argument("--keyfile", help="TLS private key (PEM), with --certfile")
@@ -1062,6 +1103,8 @@ async def _serve(args: argparse.Namespace) -> int:
             max_message_size=args.max_message_size,
             max_pending_bytes=args.max_pending,
             write_delay=args.write_delay,
+            node_report_interval=args.node_report_interval,
+            node_ttl=args.node_ttl,
             compression=None if args.compression == "off" else args.compression,
             ssl=ssl_context,
             max_connections=args.max_connections,
@@ -1323,6 +1366,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         _resolve_url(args)
     try:
         if args.command == "serve":
+            from .backends.nodes import check_timing
+
+            try:
+                check_timing(args.node_report_interval, args.node_ttl)
+            except ValueError as exc:
+                print(
+                    f"gathering-lab serve: error: --node-ttl/--node-report-interval: {exc}",
+                    file=sys.stderr,
+                )
+                return 2
             if args.workers > 1 and args.worker is None:
                 return _serve_workers(args, argv)
             return asyncio.run(_serve(args))

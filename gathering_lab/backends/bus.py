@@ -51,13 +51,31 @@ def is_memory_url(url: str | None) -> bool:
 
 def bus_for_url(url: str | None, **options: Any) -> EventBus:
     """The bus a URL names: the process's default bus for ``memory://`` (or None),
-    else an unstarted :class:`LogBus` on that log (``options`` go to it).
+    else an unstarted :class:`LogBus` on that log.
 
-    Raises ValueError for an unknown scheme, ImportError if redis-py is missing.
+    The URL's query may set the log's and the bus's options
+    (``redis://host:6379/0?maxlen=100000&delivery_timeout=5``, see
+    :mod:`gathering_lab.backends.options`); ``options`` are keywords of :class:`LogBus`
+    (and of the log) too, and must not contradict the URL.
+
+    Raises ValueError for an unknown scheme or a bad option (one line naming it and its
+    value), ImportError if redis-py is missing.
     """
     if is_memory_url(url):
         return event_bus
     assert url is not None
+    if "://" in url and url.split("://", 1)[0].lower() in ("redis", "rediss"):
+        from .options import split_url
+
+        url, log_options, bus_options = split_url(url)
+        for name, value in {**log_options, **bus_options}.items():
+            if name in options and options[name] != value:
+                raise ValueError(
+                    f"bus url option {name}={value!r} contradicts {name}={options[name]!r}"
+                )
+        options = {**options, **log_options, **bus_options}
+    elif "?" in url:
+        raise ValueError(f"bus url {url!r} takes no options: only redis:// and rediss:// do")
     return LogBus(url, **options)
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "REPORT_INTERVAL",
     "Nodes",
     "RedisNodes",
+    "check_timing",
     "cluster_stats",
     "node_entry",
     "node_id",
@@ -45,6 +46,9 @@ logger = logging.getLogger("gathering_lab.backends.nodes")
 REPORT_INTERVAL = 2.0
 #: A report lives this many intervals: a node that stops reporting drops out after it.
 TTL_INTERVALS = 3
+#: The shortest and longest report interval (and TTL) accepted, in seconds.
+MIN_REPORT_INTERVAL = 0.05
+MAX_REPORT_INTERVAL = 3600.0
 #: At most this many nodes are read for the stats.
 MAX_NODES = 256
 #: A node's report carries at most this many of its clients (the rest are counted).
@@ -63,6 +67,35 @@ redis.call('zremrangebyscore', KEYS[2], '-inf', now - ttl)
 redis.call('pexpire', KEYS[2], ttl)
 return now
 """
+
+
+def check_timing(
+    interval: float = REPORT_INTERVAL, ttl: float | None = None
+) -> tuple[float, float]:
+    """The report interval and TTL in seconds (TTL default: :data:`TTL_INTERVALS` intervals).
+
+    Raises ValueError naming the value when either is not a number from
+    :data:`MIN_REPORT_INTERVAL` to :data:`MAX_REPORT_INTERVAL` seconds, or when the TTL
+    does not exceed the interval (a live node's report would expire between two reports).
+    """
+    for label, value in (("report interval", interval), ("report ttl", ttl)):
+        if value is None:
+            continue
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise ValueError(f"node {label} must be a number of seconds, not {value!r}")
+        if not MIN_REPORT_INTERVAL <= value <= MAX_REPORT_INTERVAL:
+            raise ValueError(
+                f"node {label} {value!r} is out of range: {MIN_REPORT_INTERVAL:g} to "
+                f"{MAX_REPORT_INTERVAL:g} seconds"
+            )
+    interval = float(interval)
+    ttl = float(ttl) if ttl is not None else interval * TTL_INTERVALS
+    if ttl <= interval:
+        raise ValueError(
+            f"node report ttl {ttl:g}s must exceed the report interval {interval:g}s "
+            "(a live node would drop out between two reports)"
+        )
+    return interval, ttl
 
 
 def node_id(port: int) -> str:
@@ -95,12 +128,19 @@ class Nodes:
     #: True when the figures are summed over several nodes.
     shared = False
 
-    def __init__(self, node: str, address: str, figures: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        node: str,
+        address: str,
+        figures: Callable[[], dict[str, Any]],
+        *,
+        interval: float = REPORT_INTERVAL,
+        ttl: float | None = None,
+    ) -> None:
         self.id = node
         self.address = address
         self.figures = figures
-        self.interval = REPORT_INTERVAL
-        self.ttl = REPORT_INTERVAL * TTL_INTERVALS
+        self.interval, self.ttl = check_timing(interval, ttl)
         self.reports = 0
         self.report_failures = 0
         self.read_failures = 0
@@ -159,15 +199,16 @@ class RedisNodes(Nodes):
         ttl: float | None = None,
         read_timeout: float = 1.0,
     ) -> None:
-        super().__init__(node, address, figures)
-        for label, value in (("interval", interval), ("read_timeout", read_timeout)):
-            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{label} must be a positive number of seconds, not {value!r}")
+        super().__init__(node, address, figures, interval=interval, ttl=ttl)
+        if (
+            not isinstance(read_timeout, int | float)
+            or isinstance(read_timeout, bool)
+            or read_timeout <= 0
+        ):
+            raise ValueError(
+                f"read_timeout must be a positive number of seconds, not {read_timeout!r}"
+            )
         self.url = url
-        self.interval = float(interval)
-        self.ttl = float(ttl) if ttl is not None else self.interval * TTL_INTERVALS
-        if self.ttl <= self.interval:
-            raise ValueError(f"ttl must be longer than the interval, not {ttl!r}")
         self.read_timeout = read_timeout
         family = f"{{gathering-lab:{name}}}"
         self.prefix = f"{family}:node:"
@@ -317,14 +358,16 @@ def nodes_for(
     bus: Any, port: int, host: str, figures: Callable[[], dict[str, Any]], **options: Any
 ) -> Nodes:
     """The :class:`Nodes` of a server on ``bus``: :class:`RedisNodes` when its bus is on a
-    Redis log (``options`` go to it), else this node alone."""
+    Redis log (``options`` go to it), else this node alone (``interval`` and ``ttl`` of
+    ``options`` are then only checked and shown)."""
     if host in ("", "0.0.0.0", "::"):
         host = socket.gethostname()
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     log = getattr(bus, "log", None)
     if log is not None and getattr(log, "scheme", "") == "redis":
         return RedisNodes(log.url, log.name, node_id(port), address, figures, **options)
-    return Nodes(node_id(port), address, figures)
+    timing = {k: v for k, v in options.items() if k in ("interval", "ttl")}
+    return Nodes(node_id(port), address, figures, **timing)
 
 
 def cluster_stats(

@@ -244,6 +244,21 @@ class RedisLog(EventLog):
         ):
             if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{label} must be a positive number of seconds, not {value!r}")
+        if backoff_max < backoff:
+            raise ValueError(
+                f"backoff_max ({backoff_max!r}) must be at least backoff ({backoff!r})"
+            )
+        # redis-py's own query options stay in the URL (checked here: a bad one would only
+        # fail at connect, inside redis-py); gathering-lab's are read by bus_for_url().
+        from .options import split_url
+
+        _, own_log, own_bus = split_url(url)
+        if own_log or own_bus:
+            option, given = next(iter({**own_log, **own_bus}.items()))
+            raise ValueError(
+                f"bus url option {option}={given!r} is read by bus_for_url() (serve --bus, "
+                f"gl.start(bus=...)); pass {option}= to RedisLog instead"
+            )
         self.url = url
         self.where = _where(url)
         self.name = name
@@ -276,6 +291,17 @@ class RedisLog(EventLog):
             "tail_errors": 0,
             "maxmemory_policy": None,
             "persistence": None,
+            # What it was opened with (bus URL options or keywords), for the stats.
+            "options": {
+                "name": name,
+                "maxlen": maxlen,
+                "timeout": timeout,
+                "connect_timeout": connect_timeout,
+                "block": block,
+                "backoff": backoff,
+                "backoff_max": backoff_max,
+                "max_connections": max_connections,
+            },
         }
 
     # -- connections -------------------------------------------------------------------

@@ -37,7 +37,7 @@ from websockets.http11 import Request, Response
 
 from .. import __version__, protocol
 from ..auth import EVERYTHING, Identity, JWTAuth, bearer_token, install_redaction
-from ..backends.nodes import Nodes, cluster_stats, nodes_for
+from ..backends.nodes import REPORT_INTERVAL, Nodes, check_timing, cluster_stats, nodes_for
 from ..events import EventBus, event_bus
 from ..exceptions import AuthError, BackendUnavailable, PortInUseError
 from .limits import (
@@ -869,6 +869,10 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
     ``write_delay`` (seconds, off by default) holds each client's frames up to that long
     and writes them as one buffer: fewer writes for up to that much more latency.
 
+    On a shared Redis log, each node reports its figures every ``node_report_interval``
+    seconds (2) into a key that expires after ``node_ttl`` (default three intervals; it
+    must exceed the interval): a node that stops reporting drops out of ``nodes`` then.
+
     Admission and rate limits (``0`` or ``None`` = no limit where noted):
     ``max_connections`` WebSocket clients in all (default: what the descriptor limit
     allows, see :func:`~gathering_lab.websocket.limits.default_max_connections`) and
@@ -901,6 +905,8 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
         max_patterns: int = protocol.DEFAULT_MAX_PATTERNS,
         compression: str | None = None,
         write_delay: float | None = None,
+        node_report_interval: float = REPORT_INTERVAL,
+        node_ttl: float | None = None,
         # Admission and rate limits
         max_connections: int | None = None,
         max_connections_per_ip: int | None = DEFAULT_MAX_CONNECTIONS_PER_IP,
@@ -931,6 +937,7 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
         ):
             raise ValueError(f"open_timeout must be a number of seconds > 0, not {open_timeout!r}")
         admission = _admission(max_connections, max_connections_per_ip)
+        self.node_timing = check_timing(node_report_interval, node_ttl)
         self.host = host
         self.port = port
         #: A bus this serve() opened from a URL: started before serving, closed with the server.
@@ -1007,7 +1014,10 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
         )
         restore = _filter_accept_errors(asyncio.get_running_loop(), self.sock, self.handler)
         host, port = self.sock.getsockname()[:2]
-        nodes = nodes_for(self.bus, port, host, self.handler.local_stats)
+        interval, ttl = self.node_timing
+        nodes = nodes_for(
+            self.bus, port, host, self.handler.local_stats, interval=interval, ttl=ttl
+        )
         self.handler.nodes = nodes
         await nodes.start()  # reports this node's figures to a shared log (a failure is logged)
         subscription = self.manager.attach(self.bus) if self.broadcast else None
