@@ -7,7 +7,8 @@ percentiles, the server's RSS and CPU when it runs on this machine, and the load
 generator's own CPU, so a saturated generator is never read as a slow server::
 
     df = gl.load_test("ws://127.0.0.1:8000/ws/dashboard", clients=1000, rate=100, duration=10)
-    df.attrs["samples"]  # one row per delivery: client, seq, received_s, latency_ms
+    df.samples  # one row per delivery: client, seq, received_s, latency_ms
+    pd.concat([df, other])  # one row per run: runs stack like any frames
 
 Each subscriber is a raw :class:`asyncio.Protocol` (see :class:`ThinSubscriber`): it does the
 HTTP upgrade itself, parses server frames minimally, answers pings and closes, and pulls
@@ -50,11 +51,23 @@ from .exceptions import ProtocolError
 if TYPE_CHECKING:
     import pandas as pd
 
+    class LoadTestFrame(pd.DataFrame):  # made at run time by _load_test_frame_class()
+        _report: LoadReport | None
+
+        @property
+        def report(self) -> LoadReport: ...
+        @property
+        def samples(self) -> pd.DataFrame: ...
+        @property
+        def connects(self) -> pd.DataFrame: ...
+
+
 __all__ = [
     "DEFAULT_PUBLISHER_RATE",
     "LOADGEN_BOUND_PCT",
     "LoadConfig",
     "LoadReport",
+    "LoadTestFrame",
     "Publisher",
     "Swarm",
     "ThinSubscriber",
@@ -867,13 +880,16 @@ class LoadReport:
             }
         )
 
-    def frame(self) -> pd.DataFrame:
-        """The summary as a one-row DataFrame; ``attrs`` hold ``samples`` and ``connects``."""
+    def connects(self) -> pd.DataFrame:
+        """One row per connected client: ``connect_ms``."""
         import pandas as pd
 
-        df = pd.DataFrame([self.summary])
-        df.attrs["samples"] = self.samples()
-        df.attrs["connects"] = pd.DataFrame({"connect_ms": self.connect_ms})
+        return pd.DataFrame({"connect_ms": self.connect_ms})
+
+    def frame(self) -> LoadTestFrame:
+        """The summary as a one-row :class:`LoadTestFrame` (``.samples``, ``.connects``)."""
+        df = _load_test_frame_class()([self.summary])
+        df._report = self
         return df
 
     def write_samples(self, path: str) -> None:
@@ -1400,6 +1416,61 @@ def _rss(process: Any) -> int | None:
 # --------------------------------------------------------------------------------------------
 # Notebook entry points
 
+_frame_class: Any = None
+
+
+def _load_test_frame_class() -> Any:
+    """The :class:`LoadTestFrame` class, made on first use (pandas is imported only then)."""
+    global _frame_class
+    if _frame_class is not None:
+        return _frame_class
+    import pandas as pd
+
+    class LoadTestFrame(pd.DataFrame):
+        """A load test's summary: a one-row DataFrame, plus its samples as properties.
+
+        ``.samples`` has one row per delivery (``client``, ``seq``, ``received_s``,
+        ``latency_ms``), ``.connects`` one per connected client (``connect_ms``) and
+        ``.report`` the :class:`LoadReport`. They are kept on this object, not in
+        ``attrs``, so runs stack with ``pd.concat`` (which compares ``attrs``) and
+        derived frames do not copy every sample; a derived or concatenated frame is a
+        plain DataFrame without them.
+        """
+
+        _metadata = ["_report"]
+        _report: LoadReport | None = None
+
+        @property
+        def report(self) -> LoadReport:
+            """The :class:`LoadReport` this frame summarises."""
+            if self._report is None:
+                raise ValueError(
+                    "this frame carries no load test report (it was not returned by load_test)"
+                )
+            return self._report
+
+        @property
+        def samples(self) -> pd.DataFrame:
+            """One row per delivery: ``client``, ``seq``, ``received_s``, ``latency_ms``."""
+            return self.report.samples()
+
+        @property
+        def connects(self) -> pd.DataFrame:
+            """One row per connected client: ``connect_ms``."""
+            return self.report.connects()
+
+    LoadTestFrame.__module__ = __name__
+    LoadTestFrame.__qualname__ = "LoadTestFrame"
+    _frame_class = LoadTestFrame
+    return LoadTestFrame
+
+
+def __getattr__(name: str) -> Any:
+    # ``LoadTestFrame`` is made on first use, so importing this module needs no pandas.
+    if name == "LoadTestFrame":
+        return _load_test_frame_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def _config(url: str, **options: Any) -> LoadConfig:
     types = options.pop("types", None)
@@ -1434,7 +1505,7 @@ async def load_test_async(
     out: str | None = None,
     progress: Any = True,
     **options: Any,
-) -> pd.DataFrame:
+) -> LoadTestFrame:
     """Awaitable :func:`load_test`, for a server that runs on the caller's own event loop.
 
     In a notebook whose kernel serves the lab (``gl.start()``), ``await
@@ -1474,7 +1545,7 @@ def load_test(
     out: str | None = None,
     progress: Any = True,
     **options: Any,
-) -> pd.DataFrame:
+) -> LoadTestFrame:
     """Load-test the server at ``url``; return the summary as a one-row DataFrame.
 
     ``clients`` subscribers connect (from ``processes`` worker processes, automatic by
@@ -1484,8 +1555,9 @@ def load_test(
     ``types`` subscribes every client to these patterns; ``token`` is sent as a Bearer
     header. ``out`` writes every sample (.parquet or .csv). Columns: deliveries/s, lost,
     duplicates, reordered, latency and connect percentiles, server RSS and CPU (local
-    servers), ``generator_cpu_pct`` and ``generator_saturated``; ``df.attrs["samples"]``
-    has one row per delivery and ``df.attrs["connects"]`` one per connected client.
+    servers), ``generator_cpu_pct`` and ``generator_saturated``. The result is a
+    :class:`LoadTestFrame`: ``df.samples`` has one row per delivery and ``df.connects``
+    one per connected client; several runs stack with ``pd.concat([run1, run2, ...])``.
 
     Raises ValueError naming a bad argument. When the server runs on the caller's own
     running loop (a lab started in this kernel), use ``await load_test_async(...)``. The

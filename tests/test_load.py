@@ -7,6 +7,7 @@ worker processes of their own, as they do for a user.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -89,14 +90,14 @@ def test_load_test_100_clients_every_event_once_in_order(
     assert 0 <= s["generator_cpu_pct"] <= s["generator_cpu_total_pct"]
     assert not s["generator_saturated"]
     # Every sample: each client got each seq exactly once.
-    samples = df.attrs["samples"]
+    samples = df.samples
     assert len(samples) == 4000
     per_client = samples.groupby("client")["seq"].agg(["count", "nunique", "min", "max"])
     assert len(per_client) == 100
     assert (per_client["count"] == 40).all() and (per_client["nunique"] == 40).all()
     assert (per_client["min"] == 0).all() and (per_client["max"] == 39).all()
     assert (samples["latency_ms"] > 0).all()
-    assert len(df.attrs["connects"]) == 100
+    assert len(df.connects) == 100
     written = pd.read_parquet(out)
     assert list(written.columns) == ["client", "seq", "received_s", "latency_ms"]
     assert len(written) == 4000
@@ -139,6 +140,31 @@ def test_filters_decide_what_is_expected(lab: tuple[str, subprocess.Popen[bytes]
     assert other.iloc[0]["expected_deliveries"] == 0 and other.iloc[0]["deliveries"] == 0
     mine = gl.load_test(url, clients=20, rate=20, duration=0.5, types="task.*", progress=False)
     assert mine.iloc[0]["deliveries"] == mine.iloc[0]["expected_deliveries"] == 200
+
+
+def test_several_runs_stack_with_pd_concat_and_keep_their_samples(
+    lab: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    # The latency-against-clients pattern of notebook 06: one run per client count.
+    url, _ = lab
+    runs = [gl.load_test(url, clients=n, rate=20, duration=0.5, progress=False) for n in (5, 10)]
+    sweep = pd.concat(runs, ignore_index=True)  # pandas compares the runs' attrs here
+    assert list(sweep["clients"]) == [5, 10]
+    assert list(sweep["deliveries"]) == [5 * 10, 10 * 10]
+    assert {"generator_cpu_pct", "generator_saturated", "latency_p99_ms"} <= set(sweep.columns)
+    assert sweep.set_index("clients").loc[10, "lost"] == 0
+    # Each run keeps its samples and connect times, outside attrs.
+    for n, run in zip((5, 10), runs, strict=True):
+        assert len(run.samples) == n * 10 and sorted(run.samples["client"].unique()) == list(
+            range(n)
+        )
+        assert len(run.connects) == n
+        assert run.report.summary["clients"] == n
+        json.dumps(run.attrs)  # plain values only, if any
+    # A frame derived from a run is a plain DataFrame, without the samples.
+    derived = runs[0][["clients", "latency_p50_ms"]].round(1)
+    assert type(derived) is pd.DataFrame and not derived.attrs
+    assert type(sweep) is pd.DataFrame
 
 
 def test_refused_publishes_are_reported_not_counted_as_loss() -> None:
