@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -262,3 +263,131 @@ async def test_a_token_is_sent_by_every_client() -> None:
         refused = await gl.load_test_async(server.url, clients=5, duration=0.2, progress=False)
     assert refused.iloc[0]["connected"] == 0 and refused.iloc[0]["connect_failed"] == 5
     assert "closed with 1008" in refused.iloc[0]["first_error"]
+
+
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+
+
+def _cell_outputs(cell: Any) -> tuple[list[str], str]:
+    """The widget model ids a cell displayed, and its stream text."""
+    views = [
+        o["data"][WIDGET_VIEW]["model_id"] for o in cell.outputs if WIDGET_VIEW in o.get("data", {})
+    ]
+    text = "".join(o.get("text", "") for o in cell.outputs if o["output_type"] == "stream")
+    return views, text
+
+
+@pytest.mark.slow
+def test_in_a_notebook_the_progress_bars_are_widgets(
+    lab: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    # A real kernel runs a tiny notebook (nbclient): load_test_async on the kernel's own lab,
+    # the blocking load_test against another server (it runs in a thread), lab.replay.
+    import nbformat
+    from nbclient import NotebookClient
+
+    url, _ = lab
+    trace = ROOT / "notebooks" / "data" / "demo_trace.parquet"
+    cells = [
+        "import gathering_lab as gl\nlab = gl.start(port=0)",
+        "run = await gl.load_test_async(lab.url, clients=3, rate=10, duration=0.3, drain=1)",
+        f"other = gl.load_test({url!r}, clients=3, rate=10, duration=0.3, drain=1)",
+        f"result = await lab.replay({str(trace)!r}, speed=None)",
+        "print(int(run.at[0, 'deliveries']), int(other.at[0, 'deliveries']), result.published)",
+        "lab.stop()",
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    client = NotebookClient(
+        nb, timeout=int(timeout(120)), kernel_name="python3", store_widget_state=True
+    )
+    client.execute()
+    state = nb.metadata["widgets"][WIDGET_STATE]["state"]
+
+    def bars(cell: Any) -> list[str]:
+        """The descriptions of the tqdm widget bars a cell displayed (HBox: label, bar, text)."""
+        views, text = _cell_outputs(cell)
+        assert "it/s]" not in text and "%|" not in text, text  # no text bar instead
+        found = []
+        for model_id in views:
+            box = state[model_id]
+            assert box["model_name"] == "HBoxModel", box
+            children = [state[c.removeprefix("IPY_MODEL_")] for c in box["state"]["children"]]
+            assert [c["model_name"] for c in children] == [
+                "HTMLModel",
+                "FloatProgressModel",
+                "HTMLModel",
+            ]
+            found.append(children[0]["state"]["value"])
+        return found
+
+    assert any("connect" in b for b in bars(nb.cells[1])), bars(nb.cells[1])
+    assert any("connect" in b for b in bars(nb.cells[2])), bars(nb.cells[2])
+    assert any("replay" in b for b in bars(nb.cells[3])), bars(nb.cells[3])
+    delivered, other, published = _cell_outputs(nb.cells[4])[1].split()
+    assert int(delivered) == int(other) == 3 * 3 and int(published) > 0
+
+
+def _run_with_stderr(args: list[str], tty: bool) -> tuple[int, str, str]:
+    """Run ``python -m gathering_lab ARGS`` with stderr on a pseudo-terminal or a pipe."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    command = [sys.executable, "-m", "gathering_lab", *args]
+    if not tty:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout(60), check=False
+        )
+        return done.returncode, done.stdout, done.stderr
+    master, slave = pty.openpty()
+    # A terminal of 100 columns (a fresh pty has 0, where tqdm draws an empty bar).
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    process = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave
+    )
+    os.close(slave)
+    reader.start()
+    try:
+        out, _ = process.communicate(timeout=timeout(60))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        reader.join(timeout(10))
+        os.close(master)
+    return process.returncode, out.decode(), b"".join(chunks).decode(errors="replace")
+
+
+@pytest.mark.parametrize("tty", [True, False], ids=["tty", "pipe"])
+def test_cli_bars_on_a_terminal_only(lab: tuple[str, subprocess.Popen[bytes]], tty: bool) -> None:
+    url, _ = lab
+    trace = str(ROOT / "notebooks" / "data" / "demo_trace.parquet")
+    load = ["load", "--url", url, "--clients", "5", "--rate", "10", "--duration", "0.5"]
+    replay = ["replay", trace, "--url", url, "--as-fast-as-possible"]
+    # load prints its summary table on stdout, replay one summary line on stderr.
+    for args, bar, summary in ((load, "connect:", "deliveries"), (replay, "replay:", "published")):
+        code, out, err = _run_with_stderr(args, tty)
+        assert code == 0, out + err
+        assert summary in out + err
+        if tty:  # a terminal bar, redrawn in place, on stderr
+            assert bar in err and "\r" in err and "100%|" in err, err
+            assert "%|" not in out, out
+        else:  # no bar at all: no carriage returns or bar glyphs in a log file
+            assert "\r" not in err and "%|" not in err, err
+            assert "%|" not in out and "\r" not in out, out
