@@ -1276,7 +1276,10 @@ def _bus_line(bus: Any) -> str:
     log = getattr(bus, "log", None)
     if log is None:
         return "memory (this process)"
-    return f"{getattr(log, 'where', log.scheme)} (epoch {bus.epoch}, seq {bus.last_seq})"
+    keeps = f", keeps {log.maxlen}" if isinstance(getattr(log, "maxlen", None), int) else ""
+    if getattr(log, "name", "events") not in ("events", ""):
+        keeps = f", log {log.name!r}{keeps}"
+    return f"{getattr(log, 'where', log.scheme)} (epoch {bus.epoch}, seq {bus.last_seq}{keeps})"
 
 
 def _limits_line(stats: dict[str, Any]) -> str:

@@ -266,3 +266,38 @@ async def test_report_interval_and_ttl_flags_take_effect(redis_server: RedisServ
             await process.wait()
         watcher.close()
         await watcher.wait_closed()
+
+
+async def test_cli_banner_names_the_log_and_its_length(redis_server: RedisServer) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "gathering_lab",
+        "serve",
+        "--port",
+        "0",
+        "--bus",
+        redis_server.url + "?maxlen=500&name=demo&client_name=banner",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env={**os.environ},
+    )
+    assert process.stdout is not None
+    try:
+        line = b""
+        while not line.lstrip().startswith(b"bus "):
+            line = await asyncio.wait_for(process.stdout.readline(), timeout(30))
+            assert line, "serve exited before its banner"
+        text = line.decode()
+        assert f"127.0.0.1:{redis_server.port}/0 (" in text
+        assert "log 'demo', keeps 500)" in text, text
+        # redis-py's own option reached the connections: Redis lists them by that name.
+        import redis
+
+        with redis.Redis.from_url(redis_server.url) as admin:
+            names = {c["name"] for c in admin.client_list()}
+        assert "banner" in names, names
+    finally:
+        process.kill()
+        await process.wait()
