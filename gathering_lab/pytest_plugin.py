@@ -205,8 +205,9 @@ class EventLog:
             criteria.append(f"where={getattr(where, '__qualname__', where)!r}")
         wanted = " ".join(criteria) or "(any)"
         arrived = self.events
+        waited = scaled_timeout(timeout)
         lines = [
-            f"{self.name}: waited {timeout:g}s for {count} event(s) matching {wanted}; "
+            f"{self.name}: waited {waited:g}s for {count} event(s) matching {wanted}; "
             f"{found} matched, {len(arrived)} arrived in all"
             + (":" if arrived else " (nothing was published, or nothing reached it)")
         ]
