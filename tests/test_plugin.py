@@ -9,8 +9,13 @@ the plugin with ``-p``; once installed, it runs exactly as a user's would, with 
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import socket
+import subprocess
+import sys
 import threading
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -259,3 +264,135 @@ def test_a_server_started_inside_a_running_loop_still_gets_its_own_thread() -> N
     with socket.socket() as sock:
         assert sock.connect_ex(("127.0.0.1", server.port)) != 0
     assert not [t for t in threading.enumerate() if t.name == "gathering-lab"]
+
+
+# nbval: the shipped sanitize file makes notebooks of live events pass strict --nbval
+
+
+ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = ROOT / "notebooks" / "templates" / "regression.ipynb"
+
+#: What a user's notebook does: start a lab, publish, display events and the frame.
+USER_NOTEBOOK_CELLS = [
+    "import gathering_lab as gl\nlab = gl.start(port=0)\nclient = await lab.connect('notebook')",
+    "lab",
+    "lab.publish('task.created', {'title': 'write the docs'}, circle_id=1)",
+    "ack = await client.publish('agent.started', {'agent_id': 7}, source_agent_id=7)\nack",
+    "await client.wait_for_events(2)\nclient",
+    "client.frame",
+    "client.frame.df",
+    "lab.bus.get_history()[-1].to_dict()",
+    "print(client.server_info)",
+    "lab.stop()",
+]
+
+
+def write_user_notebook(directory: Path) -> Path:
+    """Write the user's notebook and run it once, saving its outputs as nbval's reference."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.v4.new_notebook()
+    notebook.cells = [nbformat.v4.new_code_cell(source) for source in USER_NOTEBOOK_CELLS]
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3"}
+    client = NotebookClient(
+        notebook, timeout=int(timeout(120)), resources={"metadata": {"path": str(directory)}}
+    )
+    client.execute()
+    path = directory / "my_events.ipynb"
+    nbformat.write(notebook, path)
+    return path
+
+
+def sanitize_file() -> str:
+    """What ``gathering-lab nbval-sanitize`` prints, run as a user runs it."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gathering_lab", "nbval-sanitize"],
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def test_nbval_sanitize_prints_the_shipped_file() -> None:
+    path = Path(sanitize_file())
+    assert path.is_absolute() and path == ROOT / "gathering_lab" / "nbval_sanitize.cfg"
+    from nbval.plugin import get_sanitize_patterns
+
+    patterns = get_sanitize_patterns(path.read_text())
+    assert len(patterns) >= 15  # every section parses as a regex/replace pair
+    for regex, _ in patterns:
+        re.compile(regex)
+
+
+@pytest.mark.parametrize(
+    ("text", "sanitized"),
+    [
+        ("id='evt_74d3ff8084190000539e812f', seq=12", "id='evt_<id>', seq=<seq>"),
+        ("{'last_seq': 7, \"seq\": 8}", "{'last_seq': <seq>, \"seq\": <seq>}"),
+        ("epoch='f65637988060'", "epoch='<epoch>'"),
+        ("2026-11-30T08:10:16.215629Z", "<timestamp>"),
+        ("2026-11-30 08:10:16+00:00 and 2026-11-30T08:10:16.2+0530", "<timestamp> and <timestamp>"),
+        (
+            "datetime.datetime(2026, 11, 30, 8, 10, 16, 215629, tzinfo=datetime.timezone.utc)",
+            "<datetime>",
+        ),
+        ("ws://127.0.0.1:42591/ws/dashboard", "ws://127.0.0.1:<port>/ws/dashboard"),
+        ("'remote': '127.0.0.1:34244'", "'remote': '127.0.0.1:<port>'"),
+        ("'id': 'vm-5087-42591'", "'id': '<node id>'"),
+        ("client-3-9f86d081 client-w2-1-0a1b2c3d", "client-<id> client-w2-<id>"),
+        ("took 0.52s, in 3.1 ms", "took <duration>, in <duration>"),
+        (
+            "ReplayResult(total=2, elapsed=0.0034, x=1)",
+            "ReplayResult(total=2, elapsed=<duration>, x=1)",
+        ),
+        ("100%|###| 200/200 [00:00<00:00, 2345.67it/s]", "100%|###| 200/200 [<elapsed>]"),
+        ("<object at 0x7f13e7ba7550>", "<object at 0x<address>>"),
+        ("'reported_at': 1796026216.5801115", "'reported_at': <unix time>"),
+        ("Workbench(children=(HTML(value='3 events'),))", "Workbench(<widget>)"),
+        ("0  {'title': 'x'}       3.273  notebook", "0 {'title': 'x'} <latency> notebook"),
+        (
+            "<td>{'title': 'x'}</td>\n      <td>0.180</td>",
+            "<td>{'title': 'x'}</td>\n <td><latency></td>",
+        ),
+        ("circle_id=1 count 20 rate=20.0", "circle_id=1 count 20 rate=20.0"),  # left alone
+    ],
+)
+def test_the_sanitize_file_masks_what_varies(text: str, sanitized: str) -> None:
+    from nbval.plugin import get_sanitize_patterns
+
+    for regex, replace in get_sanitize_patterns(Path(sanitize_file()).read_text()):
+        text = re.sub(regex, replace, text)
+    assert text == sanitized
+
+
+@pytest.mark.slow
+def test_notebooks_pass_strict_nbval_twice_with_the_sanitize_file(
+    pytester: pytest.Pytester,
+) -> None:
+    """The template and a user's notebook of live events pass ``--nbval`` run after run."""
+    user_notebook = write_user_notebook(pytester.path)
+    sanitize = sanitize_file()
+    cells = sum(cell.cell_type == "code" for cell in _cells(TEMPLATE)) + len(USER_NOTEBOOK_CELLS)
+    for run in (1, 2):
+        # fmt: off
+        result = pytester.runpytest_subprocess(
+            "--nbval", "--nbval-sanitize-with", sanitize, "-p", "no:cacheprovider",
+            str(TEMPLATE), str(user_notebook), timeout=SUBPROCESS_TIMEOUT,
+        )
+        # fmt: on
+        assert result.parseoutcomes() == {"passed": cells}, (run, result.stdout.str()[-3000:])
+    # Without the sanitize file the same notebooks fail: the outputs do vary.
+    result = pytester.runpytest_subprocess(
+        "--nbval", "-p", "no:cacheprovider", str(TEMPLATE), str(user_notebook),
+        timeout=SUBPROCESS_TIMEOUT,
+    )  # fmt: skip
+    assert result.parseoutcomes().get("failed", 0) >= 4, result.stdout.str()[-3000:]
+
+
+def _cells(path: Path) -> list[Any]:
+    import nbformat
+
+    return list(nbformat.read(path, as_version=4).cells)
