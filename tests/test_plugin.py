@@ -369,6 +369,7 @@ def test_the_sanitize_file_masks_what_varies(text: str, sanitized: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(int(timeout(600)))  # three pytest runs, each starting two kernels
 def test_notebooks_pass_strict_nbval_twice_with_the_sanitize_file(
     pytester: pytest.Pytester,
 ) -> None:
