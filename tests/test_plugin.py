@@ -334,6 +334,9 @@ def test_nbval_sanitize_prints_the_shipped_file() -> None:
         ("{'last_seq': 7, \"seq\": 8}", "{'last_seq': <seq>, \"seq\": <seq>}"),
         ("epoch='f65637988060'", "epoch='<epoch>'"),
         ("2026-11-30T08:10:16.215629Z", "<timestamp>"),
+        ("2026-11-30 08:10:16,123 INFO lab", "<timestamp> INFO lab"),
+        ("<td>08:10:16.215</td>", "<td><time></td>"),
+        ("events-notebook-20261130-081016-215629.csv", "events-notebook-<stamp>.csv"),
         ("2026-11-30 08:10:16+00:00 and 2026-11-30T08:10:16.2+0530", "<timestamp> and <timestamp>"),
         (
             "datetime.datetime(2026, 11, 30, 8, 10, 16, 215629, tzinfo=datetime.timezone.utc)",
