@@ -245,9 +245,9 @@ def _matcher(
             f"{', '.join(_ID_FIELDS)}"
         )
     if data is not None and not isinstance(data, dict):
-        raise TypeError(f"data must be a dict of the keys to match, not {type_name(data)}")
+        raise TypeError(f"data must be a dict of the keys to match, not {_type_name(data)}")
     if where is not None and not callable(where):
-        raise TypeError(f"where must be callable, not {type_name(where)}")
+        raise TypeError(f"where must be callable, not {_type_name(where)}")
 
     def match(message: Message) -> bool:
         if patterns is not None and not protocol.type_matches(patterns, str(message.get("type"))):
@@ -267,7 +267,7 @@ def _matcher(
     return match
 
 
-def type_name(value: object) -> str:
+def _type_name(value: object) -> str:
     """The name of ``value``'s type, for error messages."""
     return type(value).__name__
 
@@ -303,9 +303,9 @@ class GatheringServer:
 
         options.setdefault("bus", EventBus())
         options.setdefault("manager", ConnectionManager())
-        options.pop("port", None)  # always a free port
         host = options.pop("host", "127.0.0.1")
-        self.lab: Lab = Lab(host, 0, **options)
+        port = options.pop("port", 0)  # 0: a free one
+        self.lab: Lab = Lab(host, port, **options)
         #: Every event published on the bus since the server started (or ``events.clear()``).
         self.events = EventLog("gathering_server")
         self.clients: list[GatheringClient] = []
@@ -315,6 +315,17 @@ class GatheringServer:
     def start(self) -> GatheringServer:
         """Start serving on a thread of its own; returns once it accepts connections."""
         self._capture = self.bus.subscribe("*", self._record, name="gathering_server.events")
+        try:
+            self._start_lab()
+        except BaseException:
+            self.stop()  # a failed start leaves the lab's thread running: end it
+            raise
+        if self.lab.status != "running":
+            self.stop()
+            raise RuntimeError(f"the gathering_server did not start: {self.lab.status}")
+        return self
+
+    def _start_lab(self) -> None:
         if _running_loop() is None:
             self.lab.start()
         else:
@@ -332,9 +343,6 @@ class GatheringServer:
             thread.join()
             if failure:
                 raise failure[0]
-        if self.lab.status != "running":
-            raise RuntimeError(f"the gathering_server did not start: {self.lab.status}")
-        return self
 
     def _record(self, event: Event) -> None:
         self.events.append(event.to_dict())

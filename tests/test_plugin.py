@@ -247,6 +247,12 @@ class TestServerOptions:
         assert gathering_client.ping() > 0
 
 
+def test_a_server_that_fails_to_start_leaves_no_thread() -> None:
+    with pytest.raises(ValueError, match="max_connections_per_ip must be an int >= 1"):
+        GatheringServer(max_connections_per_ip=0).start()
+    assert not [t for t in threading.enumerate() if t.name == "gathering-lab"]
+
+
 def test_a_server_started_inside_a_running_loop_still_gets_its_own_thread() -> None:
     import asyncio
 
