@@ -18,6 +18,7 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from . import __version__, protocol
@@ -1061,6 +1062,14 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_record_parser(commands)
     _add_replay_parser(commands)
     _add_load_parser(commands)
+    sanitize = commands.add_parser(
+        "nbval-sanitize",
+        help="print the path of the nbval sanitize file for notebooks of events",
+        description="Print the absolute path of the nbval sanitize file shipped with the "
+        "package (event ids, timestamps, seq, epochs, ports, client ids, durations): "
+        'pytest --nbval --nbval-sanitize-with "$(gathering-lab nbval-sanitize)" NOTEBOOK',
+    )
+    sanitize.set_defaults(log_level="warning")
     return parser
 
 
@@ -1351,6 +1360,22 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+#: The nbval sanitize file shipped with the package (``gathering-lab nbval-sanitize``).
+NBVAL_SANITIZE = Path(__file__).resolve().with_name("nbval_sanitize.cfg")
+
+
+def _nbval_sanitize() -> int:
+    if not NBVAL_SANITIZE.is_file():
+        print(
+            f"gathering-lab nbval-sanitize: error: {NBVAL_SANITIZE} is missing from the "
+            "installed package; reinstall gathering-lab",
+            file=sys.stderr,
+        )
+        return 1
+    print(NBVAL_SANITIZE)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``gathering-lab`` command line; returns the exit status."""
     parser = _build_parser()
@@ -1394,6 +1419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_replay(args))
         if args.command == "load":
             return _load(args)
+        if args.command == "nbval-sanitize":
+            return _nbval_sanitize()
     except GatheringLabError as exc:
         print(f"gathering-lab {args.command}: error: {exc}", file=sys.stderr)
         return 1

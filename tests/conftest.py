@@ -24,6 +24,17 @@ from gathering_lab.events import EventBus
 from gathering_lab.testing import RedisServer, running_redis, running_server
 from gathering_lab.websocket import ConnectionManager, Server
 
+#: Installed, the package's ``pytest11`` entry point loads it as ``gathering_lab``.
+PLUGIN = "gathering_lab.pytest_plugin"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Load the package's pytest plugin if its entry point did not (not installed yet)."""
+    manager = config.pluginmanager
+    if not manager.has_plugin("gathering_lab") and not manager.has_plugin(PLUGIN):
+        manager.import_plugin(PLUGIN)
+
+
 settings.register_profile(
     "ci", max_examples=50, deadline=None, derandomize=True, database=None, print_blob=True
 )

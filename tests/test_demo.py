@@ -21,6 +21,7 @@ from gathering_lab.demo import (
 )
 from gathering_lab.events import EventBus, EventType
 from gathering_lab.exceptions import ConnectionFailed
+from gathering_lab.pytest_plugin import GatheringClient, GatheringServer
 from gathering_lab.testing import (
     capture_events,
     free_port,
@@ -248,30 +249,29 @@ def test_with_client_id() -> None:
     assert with_client_id(url + "?client_id=x", None) == url + "?client_id=x"
 
 
-async def test_run_demo_publishes_and_another_client_sees_everything(server: Server) -> None:
+async def test_run_demo_publishes_and_another_client_sees_everything(
+    gathering_server: GatheringServer, gathering_client: GatheringClient
+) -> None:
     reports: list[tuple[int, int]] = []
-    async with connect(f"{server.url}?client_id=watcher") as watcher:
-        assert (await recv_json(watcher))["type"] == "connection.established"
-        result = await run_demo(
-            server.url,
-            count=50,
-            rate=0,
-            progress=lambda r: reports.append((r.sent, r.acked)),
-        )
-        assert isinstance(result, DemoResult)
-        assert (result.sent, result.acked, result.errors, result.unanswered) == (50, 50, 0, 0)
-        assert result.elapsed > 0 and result.rate > 0
-        assert result.greeting["client_id"] == "demo"
-        assert reports[0] == (0, 0) and reports[-1] == (50, 50)
+    result = await run_demo(
+        gathering_server.url,
+        count=50,
+        rate=0,
+        progress=lambda r: reports.append((r.sent, r.acked)),
+    )
+    assert isinstance(result, DemoResult)
+    assert (result.sent, result.acked, result.errors, result.unanswered) == (50, 50, 0, 0)
+    assert result.elapsed > 0 and result.rate > 0
+    assert result.greeting["client_id"] == "demo"
+    assert reports[0] == (0, 0) and reports[-1] == (50, 50)
 
-        received = [await recv_json(watcher) for _ in range(50)]
+    received = await gathering_client.wait_for_async(count=50)
     expected = list(demo_messages(50))
     assert [m["type"] for m in received] == [p["type"] for p in expected]
     assert [m["data"] for m in received] == [p["data"] for p in expected]
     assert [m["source_agent_id"] for m in received] == [p["source_agent_id"] for p in expected]
-    seqs = [m["seq"] for m in received]
-    assert seqs == list(range(seqs[0], seqs[0] + 50))
-    assert server.bus.last_seq == 50
+    assert [m["seq"] for m in received] == list(range(1, 51))
+    assert gathering_server.bus.last_seq == 50
 
 
 async def test_run_demo_paces_at_the_rate(server: Server) -> None:
@@ -280,13 +280,13 @@ async def test_run_demo_paces_at_the_rate(server: Server) -> None:
     assert result.elapsed >= 4 / 40 * 0.95
 
 
-async def test_run_demo_until_cancelled(server: Server) -> None:
-    task = asyncio.create_task(run_demo(server.url, rate=100))
-    await wait_for(lambda: server.bus.last_seq >= 10)
+async def test_run_demo_until_cancelled(gathering_server: GatheringServer) -> None:
+    task = asyncio.create_task(run_demo(gathering_server.url, rate=100))
+    await gathering_server.wait_for_async(count=10)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await wait_for(lambda: server.manager.active_connections == 0)
+    await wait_for(lambda: gathering_server.stats()["active_connections"] == 0)
 
 
 async def test_run_demo_unreachable_server() -> None:

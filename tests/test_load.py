@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 
 import gathering_lab as gl
+from gathering_lab.pytest_plugin import GatheringServer
 from gathering_lab.testing import free_port, timeout
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -234,6 +235,22 @@ def test_load_test_is_exported_lazily() -> None:
     )
     assert "load_test" in gl.__all__ and "load_test_async" in gl.__all__
     assert done.stdout.strip() == "False"  # loading the tool does not load pandas yet
+
+
+class TestInProcessServer:
+    @pytest.fixture
+    def gathering_server_options(self) -> dict[str, object]:
+        return {"max_connections_per_ip": None, "publish_rate": 0}
+
+    def test_a_sync_test_runs_load_test_against_the_fixture_server(
+        self, gathering_server: GatheringServer
+    ) -> None:
+        # The fixture's server has a thread of its own: the blocking load_test can reach it.
+        df = gl.load_test(gathering_server.url, clients=10, rate=20, duration=0.5, progress=False)
+        s = df.iloc[0]
+        assert s["server_pid"] == os.getpid()
+        assert s["deliveries"] == s["expected_deliveries"] == 10 * 10 and s["lost"] == 0
+        assert len(gathering_server.events) == s["events_sent"] == 10
 
 
 async def test_a_server_on_the_callers_loop_needs_the_awaitable(tmp_path: Path) -> None:
