@@ -31,7 +31,7 @@ function render({ model, el }) {
     plot = new uPlot({
       width: width(),
       height: height(),
-      legend: { show: names.length > 0 },
+      legend: { show: names.length > 0, live: false },
       cursor: { drag: { x: false, y: false } },
       scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1, max * 1.1)] } },
       axes: [{}, { label: "events/s", size: 50 }],
