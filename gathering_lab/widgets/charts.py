@@ -219,12 +219,12 @@ class RateChart(_FrameView):
             return
         oldest = math.floor(time.time()) - self.window
         seconds = df["received_at"].dt.as_unit("us").astype("int64") // 1_000_000
-        counts = df.groupby([seconds.rename("second"), df["type"]], sort=True).size()
+        recent = df[seconds >= oldest]
+        series = {str(kind): self._series_of(str(kind)) for kind in recent["type"].unique()}
+        counts = recent.groupby([seconds[seconds >= oldest].rename("s"), recent["type"]]).size()
         for key, count in counts.items():
-            second, kind = int(key[0]), str(key[1])  # type: ignore[index]
-            if second >= oldest:
-                series = self._series_of(kind)
-                self._bins.setdefault(second, Counter())[series] += int(count)
+            second, kind = int(key[0]), str(key[1])
+            self._bins.setdefault(second, Counter())[series[kind]] += int(count)
 
     def _push(self, now: float) -> None:
         current = math.floor(time.time())  # the second still filling, not shown
