@@ -218,13 +218,14 @@ class RateChart(_FrameView):
         if df is None or not len(df):
             return
         oldest = math.floor(time.time()) - self.window
-        seconds = df["received_at"].dt.as_unit("us").astype("int64") // 1_000_000
-        recent = df[seconds >= oldest]
-        series = {str(kind): self._series_of(str(kind)) for kind in recent["type"].unique()}
-        counts = recent.groupby([seconds[seconds >= oldest].rename("s"), recent["type"]]).size()
-        for key, count in counts.items():
-            second, kind = int(key[0]), str(key[1])
-            self._bins.setdefault(second, Counter())[series[kind]] += int(count)
+        seconds = df["received_at"].dt.as_unit("us").astype("int64").to_numpy() // 1_000_000
+        counts = Counter(zip(seconds.tolist(), df["type"].tolist(), strict=True))
+        series: dict[str, str] = {}
+        for (second, kind), count in counts.items():  # dicts keep the rows' order
+            if second >= oldest:
+                if kind not in series:
+                    series[kind] = self._series_of(str(kind))
+                self._bins.setdefault(second, Counter())[series[kind]] += count
 
     def _push(self, now: float) -> None:
         current = math.floor(time.time())  # the second still filling, not shown
