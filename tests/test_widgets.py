@@ -796,3 +796,38 @@ async def test_controller_rejects_bad_settings() -> None:
 def test_controller_needs_a_loop_or_a_lab() -> None:
     with pytest.raises(RuntimeError, match="the widgets need an event loop"):
         Controller()
+
+
+def test_quickstart_is_saved_with_the_widget_state_it_shows() -> None:
+    """01_quickstart opens on a workbench, not reprs: every model its outputs show is saved
+    (notebooks/save_with_widgets.py), with the grid's rows and the chart's lines."""
+    import json
+    import re
+
+    notebook = json.loads(
+        (Path(__file__).parent.parent / "notebooks" / "01_quickstart.ipynb").read_text()
+    )
+    state = notebook["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]
+    models = state["state"]
+    shown = [
+        output["data"]["application/vnd.jupyter.widget-view+json"]["model_id"]
+        for cell in notebook["cells"]
+        for output in cell.get("outputs", [])
+        if "application/vnd.jupyter.widget-view+json" in output.get("data", {})
+    ]
+    assert len(shown) == 1  # the workbench
+    todo, seen = list(shown), set()
+    while todo:
+        model_id = todo.pop()
+        if model_id not in seen:
+            assert model_id in models, model_id
+            seen.add(model_id)
+            todo += re.findall(r"IPY_MODEL_([0-9a-f]{32})", json.dumps(models[model_id]))
+    assert seen == set(models)  # nothing else saved
+    views = {m["state"].get("_anywidget_id"): m["state"] for m in models.values()}
+    grid = views["gathering_lab.widgets.charts.EventGrid"]
+    chart = views["gathering_lab.widgets.charts.RateChart"]
+    assert len(grid["rows"]) == 61 and "_esm" in grid
+    assert chart["names"] == ["task.created", "agent.started", "memory.created"]
+    assert sum(map(sum, chart["values"])) == 61
+    assert "uPlot" in chart["_esm"]

@@ -38,6 +38,7 @@ function render({ model, el }) {
   filter.type = "search";
   filter.className = "gl-grid-filter";
   filter.placeholder = "filter rows (any column)";
+  filter.maxLength = 200; // EventGrid.MAX_FILTER
   filter.setAttribute("aria-label", "filter rows");
   const status = document.createElement("span");
   status.className = "gl-grid-status";

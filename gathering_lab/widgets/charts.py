@@ -455,7 +455,7 @@ class EventGrid(_FrameView):
             )
         if found:
             self._latest = (found + self._latest)[: self.limit]
-            self._resend = True
+        self._resend = True  # the count in the status line changed at least
 
     def _push(self, now: float) -> None:
         if not self._resend:
