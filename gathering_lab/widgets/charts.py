@@ -40,7 +40,7 @@ GRID_COLUMNS: tuple[str, ...] = ("seq", "received", "type", "agent", "circle", "
 _SOURCE_COLUMNS = [
     "seq", "received_at", "type", "source_agent_id", "circle_id", "project_id", "data"
 ]  # fmt: skip
-#: The series the chart draws at most by default; rarer types are added up as ``other``.
+#: The chart's series for the types beyond ``max_types``, added up.
 OTHER = "other"
 
 
@@ -63,9 +63,9 @@ class _FrameView(anywidget.AnyWidget):
         self, source: Any = None, *, frame: EventFrame | None = None, **kwargs: Any
     ) -> None:
         self._closed = True  # until fully built
-        super().__init__(**kwargs)
         self._own_controller = not isinstance(source, Controller)
-        self.controller = Controller.of(source)
+        self.controller = Controller.of(source)  # a bad source fails before a comm opens
+        super().__init__(**kwargs)
         self.frame = frame
         self._cursor = Cursor()
         self._dirty = True
@@ -219,13 +219,14 @@ class RateChart(_FrameView):
             return
         oldest = math.floor(time.time()) - self.window
         seconds = df["received_at"].dt.as_unit("us").astype("int64").to_numpy() // 1_000_000
-        counts = Counter(zip(seconds.tolist(), df["type"].tolist(), strict=True))
+        recent = seconds >= oldest  # a whole frame on a rebuild: count only the window
+        kinds = df["type"].to_numpy()[recent]
+        counts = Counter(zip(seconds[recent].tolist(), kinds.tolist(), strict=True))
         series: dict[str, str] = {}
         for (second, kind), count in counts.items():  # dicts keep the rows' order
-            if second >= oldest:
-                if kind not in series:
-                    series[kind] = self._series_of(str(kind))
-                self._bins.setdefault(second, Counter())[series[kind]] += count
+            if kind not in series:
+                series[kind] = self._series_of(str(kind))
+            self._bins.setdefault(second, Counter())[series[kind]] += count
 
     def _push(self, now: float) -> None:
         current = math.floor(time.time())  # the second still filling, not shown
