@@ -447,13 +447,14 @@ class EventGrid(_FrameView):
                         break
             end = start
         if oldest and len(found) < self.limit:
+            if not self.skipped:  # logged once per filter; `skipped` counts them all
+                logger.info(
+                    "event grid: %d older events not searched for %r (search_limit=%d)",
+                    oldest,
+                    needle,
+                    self.search_limit,
+                )
             self.skipped += oldest
-            logger.info(
-                "event grid: %d older events not searched for %r (search_limit=%d)",
-                oldest,
-                needle,
-                self.search_limit,
-            )
         if found:
             self._latest = (found + self._latest)[: self.limit]
         self._resend = True  # the count in the status line changed at least
