@@ -19,6 +19,7 @@ install: $(STAMP)  ## create .venv and install the package with its extras
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root)
 
 lab: install  ## open JupyterLab on the quick-start notebook
+	$(VENV)/bin/jupyter trust notebooks/*.ipynb  # saved widgets render only in trusted notebooks
 	$(VENV)/bin/jupyter lab $(ROOT_FLAG) notebooks/01_quickstart.ipynb
 
 test: install check pytest  ## lint, type-check, then every test including the notebooks

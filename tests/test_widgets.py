@@ -28,11 +28,13 @@ from gathering_lab.websocket import ConnectionManager
 from gathering_lab.widgets import (
     ConnectPanel,
     Controller,
+    EventGrid,
     ExportPanel,
     FilterPanel,
     LiveLog,
     Notifications,
     PublishPanel,
+    RateChart,
     StatsPanel,
     Workbench,
 )
@@ -415,6 +417,211 @@ async def test_close_stops_the_render_task(closing: Callable[..., Any]) -> None:
     assert log.controller.closed
 
 
+# Chart and grid
+
+
+def _cells(grid: EventGrid, column: str) -> list[Any]:
+    at = list(grid.columns).index(column)
+    return [row[at] for row in grid.rows]
+
+
+async def test_rate_chart_counts_events_per_second_by_type(closing: Callable[..., Any]) -> None:
+    frame = EventFrame()
+    chart = closing(RateChart(frame=frame, window=10))
+    await wait_for(lambda: chart.updates >= 1)
+    assert chart.names == [] and chart.rates() == {}
+    now = time.time()
+    second = int(now) - 3  # a complete second, inside the window
+    for i in range(6):
+        frame.append({"type": "task.created", "seq": i}, received_at=second + i / 10)
+    for i in range(3):
+        frame.append({"type": "agent.started", "seq": 10 + i}, received_at=second + 0.5 + i / 10)
+    frame.append({"type": "task.created", "seq": 20}, received_at=second + 1.2)
+    frame.append({"type": "task.created", "seq": 21}, received_at=now - 60)  # outside the window
+    await wait_for(lambda: chart.names == ["task.created", "agent.started"])
+    assert len(chart.times) == 10 and chart.times[-1] >= second + 2
+    at = chart.times.index(second)
+    assert [series[at] for series in chart.values] == [6, 3]
+    assert [series[at + 1] for series in chart.values] == [1, 0]
+    assert sum(map(sum, chart.values)) == 10  # the event of a minute ago is not drawn
+    assert chart.comm.updates("values") <= chart.updates  # one message per update
+
+
+async def test_rate_chart_adds_up_rare_types_as_other(closing: Callable[..., Any]) -> None:
+    frame = EventFrame()
+    chart = closing(RateChart(frame=frame, max_types=2))
+    second = int(time.time()) - 2
+    for kind in ("a.one", "a.two", "a.three", "a.four", "a.one"):
+        frame.append({"type": kind}, received_at=second + 0.1)
+    await wait_for(lambda: chart.names == ["a.one", "a.two", "other"])
+    assert chart.other_types == 2
+    at = chart.times.index(second)
+    assert [series[at] for series in chart.values] == [2, 1, 2]
+
+
+async def test_grid_shows_the_latest_rows_sorted_and_filtered(closing: Callable[..., Any]) -> None:
+    frame = EventFrame()
+    grid = closing(EventGrid(frame=frame, limit=5))
+    kinds = ("task.created", "agent.started", "memory.created")
+    for i in range(1, 31):
+        frame.append(
+            {"type": kinds[i % 3], "seq": i, "circle_id": i % 4, "data": {"title": f"job {i}"}}
+        )
+    frame.append({"type": "task.failed", "seq": 31, "data": {"error": "Timeout"}})
+    await wait_for(lambda: _cells(grid, "seq") == [31, 30, 29, 28, 27])  # newest first, 5 rows
+    assert "31 events (everything); latest 5 shown" in grid.status
+
+    grid.sort_by = "seq"  # what a click on the header sends
+    await wait_for(lambda: _cells(grid, "seq") == [27, 28, 29, 30, 31])
+    grid.descending = True
+    await wait_for(lambda: _cells(grid, "seq") == [31, 30, 29, 28, 27])
+    grid.sort_by, grid.descending = "circle", False
+    await wait_for(lambda: _cells(grid, "circle") == [0, 1, 2, 3, None])
+    assert _cells(grid, "seq")[-1] == 31  # an empty cell sorts last
+
+    # The filter searches the whole frame, not only the rows shown: "job 3" is old.
+    grid.sort_by = ""
+    grid.filter_text = "JOB 3"
+    await wait_for(lambda: _cells(grid, "seq") == [30, 3])
+    assert "containing 'JOB 3'" in grid.status
+    grid.filter_text = "timeout"  # in the data column
+    await wait_for(lambda: _cells(grid, "seq") == [31])
+    grid.filter_text = ""
+    grid.filters = Filters(("agent.*",))  # the Filter tab's filters, linked by the workbench
+    await wait_for(lambda: _cells(grid, "type") == ["agent.started"] * 5)
+    assert "agent.*" in grid.status
+
+    frame.append({"type": "agent.started", "seq": 32})  # new rows keep the order asked for
+    await wait_for(lambda: _cells(grid, "seq")[0] == 32)
+    assert len(grid.rows) == 5
+    frame.clear()
+    await wait_for(lambda: grid.rows == [])
+
+
+def test_grid_sorts_and_filters_like_its_front_end(tmp_path: Path) -> None:
+    """event_grid.js re-applies sort and filter at once in the browser: same rules as arrange()."""
+    import json
+    import shutil
+    import subprocess
+    from importlib import resources
+
+    from gathering_lab.widgets.charts import GRID_COLUMNS, arrange
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    script = resources.files("gathering_lab") / "static" / "event_grid.js"
+    (tmp_path / "event_grid.mjs").write_text(script.read_text(encoding="utf-8"))
+    rows = [
+        [3, "10:00:00.003", "task.created", None, 2, "alpha", '{"n": 3}'],
+        [2, "10:00:00.002", "agent.started", 7, None, 9, '{"n": 2}'],
+        [1, "10:00:00.001", "Task.Failed", 7, 10, "beta", '{"error": "x"}'],
+        [4, "10:00:00.004", "task.created", 1, 2, None, '{"n": 4}'],
+    ]
+    cases = [
+        (column, descending, text)
+        for column in ("", *GRID_COLUMNS)
+        for descending in (False, True)
+        for text in ("", "task", "7", "ZZZ")
+    ]
+    program = (
+        "import { arrange } from './event_grid.mjs';"
+        f"const rows = {json.dumps(rows)}, columns = {json.dumps(list(GRID_COLUMNS))};"
+        f"const cases = {json.dumps(cases)};"
+        "console.log(JSON.stringify(cases.map(([c, d, t]) => arrange(rows, columns, c, d, t))));"
+    )
+    (tmp_path / "check.mjs").write_text(program)
+    result = subprocess.run(
+        [node, "check.mjs"], cwd=tmp_path, capture_output=True, text=True, timeout=timeout(30)
+    )
+    assert result.returncode == 0, result.stderr
+    in_browser = json.loads(result.stdout)
+    in_kernel = [arrange(rows, GRID_COLUMNS, c, d, t) for c, d, t in cases]
+    assert in_browser == in_kernel
+    assert [r[0] for r in arrange(rows, GRID_COLUMNS, "project", False, "")] == [2, 3, 1, 4]
+
+
+async def test_chart_and_grid_send_a_handful_of_updates_for_a_10000_event_burst(
+    closing: Callable[..., Any],
+) -> None:
+    frame = EventFrame()
+    controller = Controller()
+    chart = closing(RateChart(controller, frame=frame))
+    grid = closing(EventGrid(controller, frame=frame, limit=100))
+    await wait_for(lambda: chart.updates == 1 and grid.updates == 1)  # the empty frame
+    count = 10_000
+
+    def feed() -> None:
+        kinds = ("task.created", "agent.started", "memory.created")
+        for i in range(1, count + 1):
+            frame.append({"type": kinds[i % 3], "seq": i, "data": {"i": i}})
+            if i % 500 == 0:
+                time.sleep(0.02)  # about 10,000 events per second, over ~0.5 s
+
+    started = time.monotonic()
+    await asyncio.to_thread(feed)
+    await wait_for(lambda: _cells(grid, "seq")[:1] == [count])
+    await wait_for(lambda: sum(map(sum, chart.values)) == count)  # every second complete
+    elapsed = time.monotonic() - started
+    assert len(grid.rows) == 100 and _cells(grid, "seq")[-1] == count - 99
+    assert sorted(chart.names) == ["agent.started", "memory.created", "task.created"]
+    allowed = elapsed / controller.interval + 3
+    assert 1 < grid.updates <= allowed, (grid.updates, elapsed)
+    assert grid.updates < 30  # a handful, nowhere near one per event
+    assert chart.updates <= elapsed + 3  # complete seconds: about one a second
+    assert grid.comm.updates("rows") <= grid.updates  # one comm message per update
+    assert chart.comm.updates("values") <= chart.updates
+    controller.close()
+
+
+async def test_grid_searches_at_most_search_limit_rows(closing: Callable[..., Any]) -> None:
+    frame = EventFrame()
+    frame.append({"type": "needle.found", "seq": 0})
+    frame.extend({"type": "hay.stack", "seq": i} for i in range(1, 2_001))
+    grid = closing(EventGrid(frame=frame, limit=10, filter_text="needle", search_limit=1_000))
+    await wait_for(lambda: grid.skipped == 1_001)
+    assert grid.rows == [] and grid.scanned == 1_000
+    assert "1001 older not searched" in grid.status
+    grid.search_limit = 5_000
+    await wait_for(lambda: _cells(grid, "seq") == [0])
+    assert grid.skipped == 0
+
+
+async def test_chart_and_grid_reject_bad_settings(closing: Callable[..., Any]) -> None:
+    frame = EventFrame()
+    with pytest.raises(TraitError, match="limit must be between 1 and 1000 rows, not 0"):
+        EventGrid(frame=frame, limit=0)
+    grid = closing(EventGrid(frame=frame))
+    with pytest.raises(TraitError, match="sort_by must be '' or one of seq, .*, not 'colour'"):
+        grid.sort_by = "colour"
+    with pytest.raises(TraitError, match="filter_text must be at most 200 characters, not 201"):
+        grid.filter_text = "x" * 201
+    with pytest.raises(TraitError, match="search_limit must be between 1000 and 1000000, not 10"):
+        grid.search_limit = 10
+    with pytest.raises(TraitError, match="invalid event type pattern 'Task\\*'"):
+        grid.filters = Filters(("Task*",))
+    assert (grid.sort_by, grid.filter_text, grid.limit) == ("", "", 100)  # unchanged
+    chart = closing(RateChart(frame=frame))
+    with pytest.raises(TraitError, match="window must be between 10 and 3600 seconds, not 5"):
+        chart.window = 5
+    with pytest.raises(TraitError, match="max_types must be between 1 and 20, not 0"):
+        chart.max_types = 0
+    with pytest.raises(TraitError, match="height must be between 100 and 1000 pixels, not 50"):
+        chart.height = 50
+    with pytest.raises(TypeError, match="expected a Lab, a LabClient"):
+        RateChart("ws://nowhere")
+
+
+async def test_closing_the_chart_stops_its_redraws(closing: Callable[..., Any]) -> None:
+    chart = RateChart(frame=EventFrame())
+    await wait_for(lambda: chart.updates == 1)
+    ticker = chart.controller._ticker
+    assert ticker is not None
+    chart.close()
+    await wait_for(ticker.done)
+    assert chart.controller.closed and chart.comm is None
+
+
 # Export
 
 
@@ -532,7 +739,7 @@ async def test_workbench_connects_publishes_and_shows(
     publish.publish_button.click()
     await wait_for(lambda: publish.published == 1)
     assert bus.get_history()[0].data == {"task_id": 42, "error": "timeout"}
-    await wait_for(lambda: "task.failed" in wb.live_log.view.value)
+    await wait_for(lambda: any("task.failed" in row for row in wb.grid.rows))
     await wait_for(lambda: wb.notifications.count == 1)
     assert "timeout" in wb.notifications.banner.value
 
@@ -543,9 +750,12 @@ async def test_workbench_connects_publishes_and_shows(
     assert "events-workbench-" in exported.name
     assert read_parquet(exported)["type"].tolist() == ["task.failed"]
 
-    wb.filter_panel.types_input.value = "agent.*"  # linked to the live log
-    assert wb.live_log.filters == Filters(("agent.*",))
-    await wait_for(lambda: wb.live_log.total == 0)
+    await wait_for(lambda: sum(map(sum, wb.chart.values)) == 1)  # once its second is over
+    assert wb.chart.names == ["task.failed"]
+
+    wb.filter_panel.types_input.value = "agent.*"  # linked to the chart and the grid
+    assert wb.grid.filters == wb.chart.filters == Filters(("agent.*",))
+    await wait_for(lambda: wb.grid.rows == [] and wb.chart.names == [])
     wb.stats_panel.refresh()
     await wait_for(lambda: wb.stats_panel.stats.get("active_connections") == 1)
 
@@ -564,7 +774,7 @@ async def test_workbench_over_a_client(lab: gl.Lab, closing: Callable[..., Any])
     assert wb.connect_panel.status == "connected"
     assert wb.connect_panel.client_id_input.value == "mine"
     lab.bus.publish_nowait(Event(type="circle.created", data={"name": "c"}))
-    await wait_for(lambda: "circle.created" in wb.live_log.view.value)
+    await wait_for(lambda: any("circle.created" in row for row in wb.grid.rows))
     assert wb.stats_panel.source.endswith("/admin/websocket/stats")
     wb.close()
     assert client.connected  # a client given to the workbench is left open
@@ -586,3 +796,38 @@ async def test_controller_rejects_bad_settings() -> None:
 def test_controller_needs_a_loop_or_a_lab() -> None:
     with pytest.raises(RuntimeError, match="the widgets need an event loop"):
         Controller()
+
+
+def test_quickstart_is_saved_with_the_widget_state_it_shows() -> None:
+    """01_quickstart opens on a workbench, not reprs: every model its outputs show is saved
+    (notebooks/save_with_widgets.py), with the grid's rows and the chart's lines."""
+    import json
+    import re
+
+    notebook = json.loads(
+        (Path(__file__).parent.parent / "notebooks" / "01_quickstart.ipynb").read_text()
+    )
+    state = notebook["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]
+    models = state["state"]
+    shown = [
+        output["data"]["application/vnd.jupyter.widget-view+json"]["model_id"]
+        for cell in notebook["cells"]
+        for output in cell.get("outputs", [])
+        if "application/vnd.jupyter.widget-view+json" in output.get("data", {})
+    ]
+    assert len(shown) == 1  # the workbench
+    todo, seen = list(shown), set()
+    while todo:
+        model_id = todo.pop()
+        if model_id not in seen:
+            assert model_id in models, model_id
+            seen.add(model_id)
+            todo += re.findall(r"IPY_MODEL_([0-9a-f]{32})", json.dumps(models[model_id]))
+    assert seen == set(models)  # nothing else saved
+    views = {m["state"].get("_anywidget_id"): m["state"] for m in models.values()}
+    grid = views["gathering_lab.widgets.charts.EventGrid"]
+    chart = views["gathering_lab.widgets.charts.RateChart"]
+    assert len(grid["rows"]) == 61 and "_esm" in grid
+    assert chart["names"] == ["task.created", "agent.started", "memory.created"]
+    assert sum(map(sum, chart["values"])) == 61
+    assert "uPlot" in chart["_esm"]

@@ -5,7 +5,7 @@
     import gathering_lab as gl
     lab = gl.start()
     wb = gl.workbench(lab)      # connect · notifications · publish | filter | stats
-                                # · live log · export (CSV / Parquet)
+                                # · events/s chart · grid · export (CSV / Parquet)
     wb.close()                  # stops its redraws
 
 Widgets are thin views: requests go through a :class:`Controller`, which hands them to
@@ -15,6 +15,7 @@ redrawn by one ticker at most 5 times a second.
 
 from __future__ import annotations
 
+from .charts import EventGrid, RateChart
 from .controller import Controller
 from .export import ExportPanel
 from .live import DEFAULT_NOTIFY, LiveLog, Notifications
@@ -25,11 +26,13 @@ __all__ = [
     "DEFAULT_NOTIFY",
     "ConnectPanel",
     "Controller",
+    "EventGrid",
     "ExportPanel",
     "FilterPanel",
     "LiveLog",
     "Notifications",
     "PublishPanel",
+    "RateChart",
     "StatsPanel",
     "Workbench",
     "workbench",

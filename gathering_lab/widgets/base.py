@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -66,6 +67,11 @@ class Cursor:
     appended while reading are not lost and not returned twice.
     """
 
+    #: The last rows read (frame, version, first row, rows), shared by the views that follow
+    #: the same frame: each tick converts the new rows once, not once per view. Only read
+    #: and written on the widgets' loop; the rows are never modified.
+    _last: tuple[weakref.ref[EventFrame], int, int, pd.DataFrame] | None = None
+
     def __init__(self) -> None:
         self.frame: EventFrame | None = None
         self.seen = 0
@@ -99,13 +105,19 @@ class Cursor:
         end = frame.dropped + size
         if end < self.seen:
             return None
-        n = max(min(end - self.seen, size), 1)
-        while True:
-            rows = frame.tail(n)
-            if not len(rows) or int(rows.index[0]) <= self.seen or n >= len(frame):
-                break
-            n *= 2  # more rows arrived while we read
-        rows = rows[rows.index >= self.seen]
+        shared = Cursor._last
+        if shared is not None and shared[0]() is frame and shared[1:3] == (self.version, self.seen):
+            rows = shared[3]  # another view of the same frame read these rows this tick
+        else:
+            seen = self.seen
+            n = max(min(end - seen, size), 1)
+            while True:
+                rows = frame.tail(n)
+                if not len(rows) or int(rows.index[0]) <= seen or n >= len(frame):
+                    break
+                n *= 2  # more rows arrived while we read
+            rows = rows[rows.index >= seen]
+            Cursor._last = (weakref.ref(frame), self.version, seen, rows)
         if len(rows):
             self.seen = int(rows.index[-1]) + 1
         return rows
