@@ -1244,7 +1244,8 @@ async def _start_bus(args: argparse.Namespace) -> Any:
     except (GatheringLabError, TimeoutError, OSError) as exc:
         await bus.close()
         reason = str(exc) or f"no answer within {BUS_START_TIMEOUT:g}s"
-        raise SystemExit(f"gathering-lab serve: error: --bus {url}: {reason}") from None
+        where = getattr(bus.log, "where", "")  # the URL without its password
+        raise SystemExit(f"gathering-lab serve: error: --bus {where}: {reason}") from None
     return bus
 
 

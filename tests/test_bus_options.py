@@ -301,3 +301,12 @@ async def test_cli_banner_names_the_log_and_its_length(redis_server: RedisServer
     finally:
         process.kill()
         await process.wait()
+
+
+async def test_an_unreachable_redis_error_keeps_the_password_out() -> None:
+    secret = "s3cret-in-url"
+    url = f"redis://user:{secret}@127.0.0.1:{free_port()}/0?connect_timeout=1"
+    code, lines = await _serve_cli("--bus", url)
+    assert code != 0 and len(lines) == 1, lines
+    assert "cannot reach redis" in lines[0] and "127.0.0.1" in lines[0], lines
+    assert secret not in lines[0] and "user" not in lines[0], lines
