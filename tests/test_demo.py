@@ -375,3 +375,30 @@ def test_the_traffic_model_is_deterministic_and_shared() -> None:
     first = list(traffic.demo_messages(300, seed=7))
     assert first == list(traffic.demo_messages(300, seed=7))
     assert first != list(traffic.demo_messages(300, seed=8))
+
+
+# A demo user meets the server's connection limit: the refusal names the serve flag
+
+
+async def test_the_max_connections_refusal_names_the_cli_flag(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import json
+
+    from websockets.exceptions import InvalidStatus
+
+    caplog.set_level("WARNING", logger="gathering_lab.websocket.server")
+    async with running_server(max_connections=1) as server:
+        async with connect(f"{server.url}?client_id=first") as first:
+            await recv_json(first)
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(f"{server.url}?client_id=second", open_timeout=timeout(5)):
+                    pass
+            with pytest.raises(ConnectionFailed, match="HTTP 503"):
+                await run_demo(server.url, count=1)
+    body = json.loads(refused.value.response.body or b"")
+    assert body["code"] == "max_connections"  # the machine-readable code is unchanged
+    assert "(serve --max-connections, max_connections= in Python)" in body["error"]
+    lines = [r.getMessage() for r in caplog.records if "refused a connection" in r.getMessage()]
+    assert lines and "--max-connections (max_connections=) reached" in lines[0], lines
+    assert "max_connections reached" not in lines[0]
