@@ -692,6 +692,29 @@ def _add_replay_parser(commands: Any) -> None:
         metavar="N",
         help="publishes sent ahead of their acknowledgement (default 256)",
     )
+    from .replay import DEFAULT_MAX_RETRIES, DEFAULT_RETRY_TIMEOUT
+
+    replay.add_argument(
+        "--no-reconnect",
+        dest="reconnect",
+        action="store_false",
+        help="exit when the connection drops (default: reconnect with backoff and go on "
+        "from the first event not acknowledged)",
+    )
+    replay.add_argument(
+        "--max-retries",
+        type=_limit,
+        default=DEFAULT_MAX_RETRIES,
+        metavar="N",
+        help=f"reconnect attempts in a row before giving up (default {DEFAULT_MAX_RETRIES})",
+    )
+    replay.add_argument(
+        "--retry-timeout",
+        type=_duration,
+        default=DEFAULT_RETRY_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up when the server is gone this long (default {DEFAULT_RETRY_TIMEOUT:g})",
+    )
     replay.add_argument("--client-id", default="replay", help="client id (default: replay)")
     _add_token_argument(replay)
     _add_log_level(replay, default="warning")
@@ -783,18 +806,38 @@ async def _replay(args: argparse.Namespace) -> int:
             client_id=args.client_id,
             progress=_tqdm,
             window=args.window,
+            reconnect=args.reconnect,
+            max_retries=args.max_retries,
+            retry_timeout=args.retry_timeout,
         )
     except (OSError, ValueError, ImportError) as exc:
         print(f"gathering-lab replay: error: {exc}", file=err)
         return 2
+    reconnects = (
+        f", {result.reconnects} reconnects ({len(result.maybe_duplicated)} events may have "
+        "been published twice)"
+        if result.reconnects
+        else ""
+    )
     print(
         f"replay: {result.published} of {result.total} events published in "
-        f"{result.elapsed:.2f} s ({result.rate:.0f} ev/s); {result.retried} resent after "
-        f"rate_limited, {result.failed} refused, {result.skipped} rows skipped"
-        + (f", {result.reordered} out of order" if result.reordered else ""),
+        f"{result.elapsed:.2f} s ({result.rate:.0f} ev/s); held back {result.held_back} times "
+        f"by the server's publish rate (rate_limited, resent), {result.failed} refused, "
+        f"{result.skipped} rows skipped"
+        + (f", {result.reordered} out of order" if result.reordered else "")
+        + reconnects,
         file=err,
         flush=True,
     )
+    if result.maybe_duplicated:
+        from .replay import describe_numbers
+
+        print(
+            "replay: may have been published twice (sent, no ack, connection lost): "
+            f"events {describe_numbers(result.maybe_duplicated)}",
+            file=err,
+            flush=True,
+        )
     if result.last_error:
         print(f"replay: last refusal: {result.last_error}", file=err, flush=True)
     return 0 if result.published == result.total else 1
