@@ -394,9 +394,20 @@ def _add_token_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _progress_line(result: DemoResult) -> str:
+    held = f", held back {result.held_back}" if result.held_back else ""
     return (
         f"demo: {result.sent} sent, {result.acked} acked, {result.errors} errors, "
-        f"{result.rate:.1f} ev/s"
+        f"{result.rate:.1f} ev/s{held}"
+    )
+
+
+def _held_back_line(result: DemoResult) -> str:
+    """How the server's publish rate slowed the demo: its pace, the refusals resent."""
+    pace = f" at {result.paced_at:.3g} ev/s" if result.paced_at is not None else ""
+    return (
+        f"demo: held back {result.held_back} times by the server's publish rate: "
+        f"{result.paced} paced{pace}, {result.retried} refused (rate_limited) and sent again "
+        f"in order; {result.acked} published at {result.effective_rate:.1f} ev/s effective"
     )
 
 
@@ -462,6 +473,8 @@ async def _demo(args: argparse.Namespace) -> int:
             print("demo: stopped by Ctrl+C before connecting", file=err, flush=True)
         else:
             print(f"{_progress_line(stopped)}; stopped by Ctrl+C", file=err, flush=True)
+            if stopped.held_back:
+                print(_held_back_line(stopped), file=err, flush=True)
             if stopped.errors:
                 print(_refusal_line(stopped), file=err, flush=True)
         raise
@@ -469,6 +482,8 @@ async def _demo(args: argparse.Namespace) -> int:
         end_line()
         raise
     end_line()
+    if result.held_back:
+        print(_held_back_line(result), file=err, flush=True)
     if result.stopped_by is not None:
         print(
             f"demo: stopped: the server refused to publish: {result.stopped_by}",
@@ -822,7 +837,8 @@ async def _replay(args: argparse.Namespace) -> int:
     print(
         f"replay: {result.published} of {result.total} events published in "
         f"{result.elapsed:.2f} s ({result.rate:.0f} ev/s); held back {result.held_back} times "
-        f"by the server's publish rate (rate_limited, resent), {result.failed} refused, "
+        f"by the server's publish rate ({result.paced} paced, {result.retried} refused with "
+        f"rate_limited and sent again), {result.failed} refused, "
         f"{result.skipped} rows skipped"
         + (f", {result.reordered} out of order" if result.reordered else "")
         + reconnects,

@@ -82,6 +82,11 @@ class ReplayResult:
     sent: int = 0
     #: Times the server held the replay back: resends after a ``rate_limited`` refusal.
     retried: int = 0
+    #: Events per second the replay paced itself at, under the server's publish rate
+    #: (from its stats, or named by a refusal); None: not paced.
+    paced_at: float | None = None
+    #: Publishes that pace made wait.
+    paced: int = 0
     #: Resends of events left unacknowledged by a dropped connection.
     resent: int = 0
     #: Connections opened (1 without a drop) and opened again after one.
@@ -109,8 +114,8 @@ class ReplayResult:
 
     @property
     def held_back(self) -> int:
-        """Times the server's publish rate held the replay back (``rate_limited``)."""
-        return self.retried
+        """Times the server's publish rate held the replay back: paced, or refused and resent."""
+        return self.paced + self.retried
 
 
 # Sources
@@ -262,8 +267,11 @@ class _Pacer:
         self.burst = max(1.0, burst)
         self.tokens = self.burst if full else 0.0
         self.stamp = time.monotonic()
+        #: Publishes this pace made wait.
+        self.delayed = 0
 
     async def take(self) -> None:
+        waited = False
         while True:
             now = time.monotonic()
             self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
@@ -271,6 +279,9 @@ class _Pacer:
             if self.tokens >= 1:
                 self.tokens -= 1
                 return
+            if not waited:
+                waited = True
+                self.delayed += 1
             await asyncio.sleep((1 - self.tokens) / self.rate)
 
 
@@ -361,6 +372,8 @@ class _Publisher:
         self.changed = asyncio.Event()
         self.closed: BaseException | None = None
         self._reader: asyncio.Task[None] | None = None
+        if pacer is not None:
+            result.paced_at = pacer.rate
 
     # The connection
 
@@ -452,6 +465,7 @@ class _Publisher:
         if self.pacer is None or self.pacer.rate > rate:
             logger.info("the server's publish rate is %g/s: pacing at %g/s", rates[0], rate)
             self.pacer = _Pacer(rate, rates[1] * _BURST_MARGIN, full=False)
+            self.result.paced_at = rate
             self.base_backoff = self.backoff = max(self.base_backoff, 1.0 / rates[0])
 
     async def wait_change(self) -> None:
@@ -480,7 +494,9 @@ class _Publisher:
     async def send(self, number: int, payload: Payload) -> None:
         """Send one publish now (after the pace allows), numbered ``number``."""
         if self.pacer is not None:
+            before = self.pacer.delayed
             await self.pacer.take()
+            self.result.paced += self.pacer.delayed - before
         try:
             message = protocol.Publish(**payload).to_message()
         except ProtocolError as exc:
@@ -536,6 +552,11 @@ class _Publisher:
                 self.backoff = min(self.backoff * 2, 2.0)
             else:
                 self.backoff = self.base_backoff
+
+    async def settle(self) -> None:
+        """Wait until every publish sent is answered (the refused ones wait to be resent)."""
+        while self.pending:
+            await self.wait_change()
 
     async def finish(self) -> None:
         """Wait until every publish is answered (resending the refused and lost ones)."""
