@@ -682,7 +682,8 @@ def _add_replay_parser(commands: Any) -> None:
         help="publish a recording to a server again",
         description="Publish the events of a recording (*.parquet or *.jsonl, rotated parts "
         "included) to a server again, in order, keeping their relative timing. A publish the "
-        "server refuses with rate_limited is sent again, never dropped.",
+        "server refuses with rate_limited is sent again, never dropped; a dropped connection "
+        "is opened again and the replay goes on from the first unacknowledged event.",
     )
     replay.add_argument("file", metavar="FILE", help="the recording: *.parquet or *.jsonl")
     replay.add_argument(

@@ -23,7 +23,14 @@ counted in ``retried``. To keep the order, the replay paces itself under the ser
 ``publish_rate`` when the stats endpoint tells it (its limits are public unless auth is on),
 keeps at most ``window`` publishes unanswered, and after any refusal sends one at a time:
 the order can only break if the server refuses while several publishes are in flight,
-which is counted in ``reordered`` (and logged), never hidden.
+which is counted in ``reordered`` (and logged), never hidden. ``paced`` counts the
+publishes the pace made wait, ``retried`` the refusals: ``held_back`` is their sum.
+
+When the connection drops, the replay reconnects with backoff and goes on from the first
+event it has no ``published`` ack for. An acknowledged event is never sent again; one sent
+and not acknowledged may have been published just before the drop, so it is sent again and
+listed in ``maybe_duplicated`` (and logged). :func:`~gathering_lab.demo.run_demo` uses the
+same flow control.
 """
 
 from __future__ import annotations
