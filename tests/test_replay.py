@@ -490,3 +490,44 @@ async def test_replay_cli_reconnects_and_reports_it(tmp_path: Any) -> None:
     if twice:
         assert "may have been published twice (sent, no ack, connection lost): events #" in text
     assert "reconnecting in" in text and "Traceback" not in text
+
+
+async def test_replay_over_a_redis_log_survives_a_node_restart(redis_server: Any) -> None:
+    from gathering_lab.replay import replay
+    from gathering_lab.testing import free_port
+    from gathering_lab.websocket import serve as serve_node
+
+    count = 1000
+    port = free_port()
+
+    async def node() -> Server:
+        return await serve_node(
+            port=port, bus=redis_server.url, manager=ConnectionManager(), publish_rate=0
+        )
+
+    first = await node()
+    try:
+        task = asyncio.create_task(
+            replay(numbered_trace(count, 0.002), first.url, progress=False, base_delay=0.05)
+        )
+        await wait_for(lambda: first.bus.last_seq >= 300, timeout(10))
+    finally:
+        first.close()
+        await first.wait_closed()
+    assert not task.done()
+    second = await node()  # a new bus on the same log: seq and epoch go on
+    try:
+        result = await asyncio.wait_for(task, timeout(30))
+        last, epoch = second.bus.last_seq, second.bus.epoch
+        url = f"{second.url}?client_id=check&last_seq=0&epoch={epoch}"
+        async with connect(url, max_size=None) as ws:
+            got = await recv_until(ws, lambda m: m.get("seq") == last, wait=timeout(20))
+    finally:
+        second.close()
+        await second.wait_closed()
+    assert result.reconnects == 1 and result.published == count and result.failed == 0
+    published = [m["data"]["i"] for m in got if m.get("type") == "replay.test"]
+    assert list(dict.fromkeys(published)) == list(range(count))  # all, in order
+    twice = {i for i in set(published) if published.count(i) > 1}
+    assert twice <= set(result.maybe_duplicated)  # exactly once where acknowledged
+    assert len(published) == count + len(twice)
