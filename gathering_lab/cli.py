@@ -394,9 +394,20 @@ def _add_token_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def _progress_line(result: DemoResult) -> str:
+    held = f", held back {result.held_back}" if result.held_back else ""
     return (
         f"demo: {result.sent} sent, {result.acked} acked, {result.errors} errors, "
-        f"{result.rate:.1f} ev/s"
+        f"{result.rate:.1f} ev/s{held}"
+    )
+
+
+def _held_back_line(result: DemoResult) -> str:
+    """How the server's publish rate slowed the demo: its pace, the refusals resent."""
+    pace = f" at {result.paced_at:.3g} ev/s" if result.paced_at is not None else ""
+    return (
+        f"demo: held back {result.held_back} times by the server's publish rate: "
+        f"{result.paced} paced{pace}, {result.retried} refused (rate_limited) and sent again "
+        f"in order; {result.acked} published at {result.effective_rate:.1f} ev/s effective"
     )
 
 
@@ -462,6 +473,8 @@ async def _demo(args: argparse.Namespace) -> int:
             print("demo: stopped by Ctrl+C before connecting", file=err, flush=True)
         else:
             print(f"{_progress_line(stopped)}; stopped by Ctrl+C", file=err, flush=True)
+            if stopped.held_back:
+                print(_held_back_line(stopped), file=err, flush=True)
             if stopped.errors:
                 print(_refusal_line(stopped), file=err, flush=True)
         raise
@@ -469,6 +482,8 @@ async def _demo(args: argparse.Namespace) -> int:
         end_line()
         raise
     end_line()
+    if result.held_back:
+        print(_held_back_line(result), file=err, flush=True)
     if result.stopped_by is not None:
         print(
             f"demo: stopped: the server refused to publish: {result.stopped_by}",
@@ -667,7 +682,8 @@ def _add_replay_parser(commands: Any) -> None:
         help="publish a recording to a server again",
         description="Publish the events of a recording (*.parquet or *.jsonl, rotated parts "
         "included) to a server again, in order, keeping their relative timing. A publish the "
-        "server refuses with rate_limited is sent again, never dropped.",
+        "server refuses with rate_limited is sent again, never dropped; a dropped connection "
+        "is opened again and the replay goes on from the first unacknowledged event.",
     )
     replay.add_argument("file", metavar="FILE", help="the recording: *.parquet or *.jsonl")
     replay.add_argument(
@@ -691,6 +707,29 @@ def _add_replay_parser(commands: Any) -> None:
         default=256,
         metavar="N",
         help="publishes sent ahead of their acknowledgement (default 256)",
+    )
+    from .replay import DEFAULT_MAX_RETRIES, DEFAULT_RETRY_TIMEOUT
+
+    replay.add_argument(
+        "--no-reconnect",
+        dest="reconnect",
+        action="store_false",
+        help="exit when the connection drops (default: reconnect with backoff and go on "
+        "from the first event not acknowledged)",
+    )
+    replay.add_argument(
+        "--max-retries",
+        type=_limit,
+        default=DEFAULT_MAX_RETRIES,
+        metavar="N",
+        help=f"reconnect attempts in a row before giving up (default {DEFAULT_MAX_RETRIES})",
+    )
+    replay.add_argument(
+        "--retry-timeout",
+        type=_duration,
+        default=DEFAULT_RETRY_TIMEOUT,
+        metavar="SECONDS",
+        help=f"give up when the server is gone this long (default {DEFAULT_RETRY_TIMEOUT:g})",
     )
     replay.add_argument("--client-id", default="replay", help="client id (default: replay)")
     _add_token_argument(replay)
@@ -783,18 +822,39 @@ async def _replay(args: argparse.Namespace) -> int:
             client_id=args.client_id,
             progress=_tqdm,
             window=args.window,
+            reconnect=args.reconnect,
+            max_retries=args.max_retries,
+            retry_timeout=args.retry_timeout,
         )
     except (OSError, ValueError, ImportError) as exc:
         print(f"gathering-lab replay: error: {exc}", file=err)
         return 2
+    reconnects = (
+        f", {result.reconnects} reconnects ({len(result.maybe_duplicated)} events may have "
+        "been published twice)"
+        if result.reconnects
+        else ""
+    )
     print(
         f"replay: {result.published} of {result.total} events published in "
-        f"{result.elapsed:.2f} s ({result.rate:.0f} ev/s); {result.retried} resent after "
-        f"rate_limited, {result.failed} refused, {result.skipped} rows skipped"
-        + (f", {result.reordered} out of order" if result.reordered else ""),
+        f"{result.elapsed:.2f} s ({result.rate:.0f} ev/s); held back {result.held_back} times "
+        f"by the server's publish rate ({result.paced} paced, {result.retried} refused with "
+        f"rate_limited and sent again), {result.failed} refused, "
+        f"{result.skipped} rows skipped"
+        + (f", {result.reordered} out of order" if result.reordered else "")
+        + reconnects,
         file=err,
         flush=True,
     )
+    if result.maybe_duplicated:
+        from .replay import describe_numbers
+
+        print(
+            "replay: may have been published twice (sent, no ack, connection lost): "
+            f"events {describe_numbers(result.maybe_duplicated)}",
+            file=err,
+            flush=True,
+        )
     if result.last_error:
         print(f"replay: last refusal: {result.last_error}", file=err, flush=True)
     return 0 if result.published == result.total else 1

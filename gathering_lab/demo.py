@@ -27,7 +27,6 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from . import protocol
@@ -129,11 +128,29 @@ class DemoResult:
     last_error: str | None = None
     #: The ``error`` reply (``code: message``) that made :func:`run_demo` stop early, if any.
     stopped_by: str | None = None
+    #: Times the server's publish rate held the demo back: publishes refused with
+    #: ``rate_limited`` and sent again (not counted in ``errors``).
+    retried: int = 0
+    #: Events per second the demo paced itself at under the server's publish rate (from
+    #: its stats, or named by a refusal); None: not paced by the server.
+    paced_at: float | None = None
+    #: Publishes that pace made wait.
+    paced: int = 0
 
     @property
     def rate(self) -> float:
         """Average events sent per second."""
         return self.sent / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def held_back(self) -> int:
+        """Times the server's publish rate held the demo back: paced, or refused and resent."""
+        return self.paced + self.retried
+
+    @property
+    def effective_rate(self) -> float:
+        """Events published (acknowledged) per second, pauses included."""
+        return self.acked / self.elapsed if self.elapsed > 0 else 0.0
 
     @property
     def unanswered(self) -> int:
@@ -144,66 +161,6 @@ class DemoResult:
 def publish_message(payload: Payload) -> bytes:
     """Return the text frame (UTF-8 JSON) of a ``publish`` message carrying ``payload``."""
     return protocol.encode(protocol.Publish(**payload).to_message())
-
-
-class _Replies:
-    """Reads what the server sends a publisher: counts acks and errors, ignores the echoes."""
-
-    def __init__(
-        self, ws: ClientConnection, result: DemoResult, stop_on: Collection[str] = ()
-    ) -> None:
-        self.ws = ws
-        self.result = result
-        self.stop_on = frozenset(stop_on)
-        self.changed = asyncio.Event()
-        self.closed: ConnectionClosed | None = None
-
-    def handle(self, raw: str | bytes) -> None:
-        try:
-            message = protocol.decode(raw)
-        except ProtocolError as exc:
-            logger.warning("ignoring a message from the server: %s", exc)
-            return
-        kind = message["type"]
-        if kind == "published":
-            self.result.acked += 1
-        elif kind == "error":
-            data = message.get("data")
-            if not isinstance(data, dict):
-                data = {"message": data}
-            self.result.errors += 1
-            self.result.last_error = ": ".join(
-                str(data[key]) for key in ("code", "message") if data.get(key) is not None
-            )
-            logger.debug("server refused a publish: %s", self.result.last_error)
-            if data.get("code") in self.stop_on and self.result.stopped_by is None:
-                self.result.stopped_by = self.result.last_error
-        else:
-            return  # our own events coming back, pongs, ...
-        self.changed.set()
-
-    async def run(self) -> None:
-        try:
-            async for raw in self.ws:
-                self.handle(raw)
-        except ConnectionClosed as exc:
-            self.closed = exc
-        else:
-            self.closed = ConnectionClosed(self.ws.protocol.close_rcvd, self.ws.protocol.close_sent)
-        self.changed.set()
-
-    async def wait(self, deadline: float) -> bool:
-        """Wait for the next reply; return False at the deadline. Raises ConnectionClosed."""
-        self.changed.clear()
-        if self.closed is not None:
-            raise self.closed
-        try:
-            await asyncio.wait_for(self.changed.wait(), max(0.0, deadline - time.monotonic()))
-        except TimeoutError:
-            return False
-        if self.closed is not None:
-            raise self.closed
-        return True
 
 
 async def run_demo(
@@ -230,6 +187,11 @@ async def run_demo(
     running :class:`DemoResult` after connecting, about every
     ``progress_interval`` seconds, and at the end.
 
+    A publish the server refuses with ``rate_limited`` (over its ``--publish-rate``)
+    is sent again after a pause, in order, and from then on the demo paces itself under
+    the rate the refusal names: nothing is lost, and :attr:`DemoResult.retried` counts
+    the times it was held back.
+
     Raises :class:`~gathering_lab.exceptions.ConnectionFailed` if the server
     cannot be reached, is not a WebSocket server, closes the connection, or
     leaves publishes unanswered for ``reply_timeout`` seconds. An ``error`` reply
@@ -237,10 +199,27 @@ async def run_demo(
     publish, so no later publish can succeed) stops it early: no more publishes are
     sent, and :attr:`DemoResult.stopped_by` says why.
     """
+    # The flow control replay uses: acks by id, rate_limited resent in order, a pace.
+    from .replay import (
+        _BURST_MARGIN,
+        _PACE_MARGIN,
+        ReplayResult,
+        _Publisher,
+        _server_rates,
+        _Unanswered,
+    )
+    from .replay import _Pacer as _Bucket
+
     _check_rate_count(rate, count)
     if max_in_flight < 1:
         raise ValueError(f"max_in_flight must be >= 1, not {max_in_flight!r}")
     result = DemoResult()
+    # Under the server's publish rate when its stats say it (they are public unless auth
+    # is on): paced, the demo is not refused and its order cannot break.
+    rates = await _server_rates(url, token)
+    server_pacer = None
+    if rates is not None and rates[0] > 0 and (rate == 0 or rate > rates[0] * _PACE_MARGIN):
+        server_pacer = _Bucket(rates[0] * _PACE_MARGIN, rates[1] * _BURST_MARGIN)
     async with open_connection(url, client_id=client_id, token=token) as ws:
         try:
             greeting = protocol.decode(await asyncio.wait_for(ws.recv(), OPEN_TIMEOUT))
@@ -257,12 +236,33 @@ async def run_demo(
         result.greeting = dict(greeting.get("data") or {})
         logger.info("connected to %s as %s", url, result.greeting.get("client_id"))
         started = time.monotonic()
-        replies = _Replies(ws, result, stop_on)
-        reader = asyncio.create_task(replies.run(), name="demo-replies")
+        # The first publish is answered before more are sent (for up to a second: a
+        # server that never answers is not waited on each time), so a refusal (no
+        # publish role) stops the demo after one, even at rate 0.
+        tally = ReplayResult()
+        publisher = _Publisher(
+            tally,
+            window=1,
+            pacer=server_pacer,
+            backoff=0.02,
+            reply_timeout=reply_timeout,
+            bar=None,
+            url=url,
+            stop_on=frozenset(stop_on),
+        )
+        publisher.attach(ws)
         ticker: asyncio.Task[None] | None = None
 
         def report() -> None:
             result.elapsed = time.monotonic() - started
+            result.sent = tally.sent - tally.retried  # events, not resends
+            result.acked = tally.published
+            result.errors = tally.failed
+            result.retried = tally.retried
+            result.last_error = tally.last_error
+            result.paced_at = tally.paced_at
+            result.paced = tally.paced
+            result.stopped_by = publisher.stopped_by
             if progress is not None:
                 progress(result)
 
@@ -276,50 +276,36 @@ async def run_demo(
             ticker = asyncio.create_task(tick(), name="demo-progress")
         try:
             pacer = _Pacer(rate)
-            probing = True
-            for payload in demo_messages(count, seed=seed):
+            for number, payload in enumerate(demo_messages(count, seed=seed)):
                 await pacer.wait()
-                # The first publish is answered before more are sent (for up to a
-                # second: a server that never answers is not waited on each time),
-                # so a refusal (no publish role) stops the demo after one, even at rate 0.
-                probing = probing and result.acked + result.errors == 0
-                limit = 1 if probing else max_in_flight
-                deadline = time.monotonic() + (
-                    min(reply_timeout, 1.0) if probing else reply_timeout
+                if number == 1:
+                    answered = True
+                    try:
+                        await asyncio.wait_for(publisher.settle(), min(reply_timeout, 1.0))
+                    except (TimeoutError, _Unanswered):
+                        answered = False
+                    # Several in flight when the server's rate is known (paced: never
+                    # refused) or it does not answer at all; else one at a time, so a
+                    # refusal cannot let a later event overtake the refused one.
+                    if (rates is not None or not answered) and not tally.retried:
+                        publisher.window = max_in_flight
+                if publisher.stopped_by is not None:
+                    logger.info("stopped: the server refused a publish: %s", publisher.stopped_by)
+                    break
+                await publisher.publish(number, payload)
+            try:
+                await publisher.finish()
+            except _Unanswered:
+                logger.warning(
+                    "%d publish messages unanswered after %gs",
+                    len(publisher.pending),
+                    reply_timeout,
                 )
-                while result.unanswered >= limit and result.stopped_by is None:
-                    if not await replies.wait(deadline):
-                        if probing:
-                            probing = False
-                            break
-                        raise ConnectionFailed(
-                            f"{url} left {result.unanswered} publish messages unanswered "
-                            f"for {reply_timeout:g}s; does it accept 'publish'?"
-                        )
-                if result.stopped_by is not None:
-                    logger.info("stopped: the server refused a publish: %s", result.stopped_by)
-                    break
-                if replies.closed is not None:
-                    raise replies.closed
-                await ws.send(publish_message(payload), text=True)
-                result.sent += 1
-            deadline = time.monotonic() + reply_timeout
-            while result.unanswered > 0:
-                if not await replies.wait(deadline):
-                    logger.warning(
-                        "%d publish messages unanswered after %gs",
-                        result.unanswered,
-                        reply_timeout,
-                    )
-                    break
-        except ConnectionClosed as exc:
-            closed = replies.closed if replies.closed is not None else exc
-            raise ConnectionFailed(closed_message(url, closed)) from None
         finally:
-            helpers = [reader] if ticker is None else [reader, ticker]
-            for helper in helpers:
-                helper.cancel()
-            await asyncio.gather(*helpers, return_exceptions=True)
+            if ticker is not None:
+                ticker.cancel()
+                await asyncio.gather(ticker, return_exceptions=True)
+            await publisher.detach()
             result.elapsed = time.monotonic() - started
         report()
     return result

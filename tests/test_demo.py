@@ -375,3 +375,114 @@ def test_the_traffic_model_is_deterministic_and_shared() -> None:
     first = list(traffic.demo_messages(300, seed=7))
     assert first == list(traffic.demo_messages(300, seed=7))
     assert first != list(traffic.demo_messages(300, seed=8))
+
+
+# A demo user meets the server's connection limit: the refusal names the serve flag
+
+
+async def test_the_max_connections_refusal_names_the_cli_flag(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import json
+
+    from websockets.exceptions import InvalidStatus
+
+    caplog.set_level("WARNING", logger="gathering_lab.websocket.server")
+    async with running_server(max_connections=1) as server:
+        async with connect(f"{server.url}?client_id=first") as first:
+            await recv_json(first)
+            with pytest.raises(InvalidStatus) as refused:
+                async with connect(f"{server.url}?client_id=second", open_timeout=timeout(5)):
+                    pass
+            with pytest.raises(ConnectionFailed, match="HTTP 503"):
+                await run_demo(server.url, count=1)
+    body = json.loads(refused.value.response.body or b"")
+    assert body["code"] == "max_connections"  # the machine-readable code is unchanged
+    assert "(serve --max-connections, max_connections= in Python)" in body["error"]
+    lines = [r.getMessage() for r in caplog.records if "refused a connection" in r.getMessage()]
+    assert lines and "--max-connections (max_connections=) reached" in lines[0], lines
+    assert "max_connections reached" not in lines[0]
+
+
+# Over the server's publish rate: held back, nothing lost, order kept
+
+
+async def test_run_demo_as_fast_as_possible_paces_under_a_known_publish_rate() -> None:
+    bus = EventBus()
+    count = 150
+    async with running_server(bus=bus, publish_rate=200, publish_burst=50) as server:
+        with capture_events(bus) as published:
+            result = await asyncio.wait_for(
+                run_demo(server.url, count=count, rate=0, client_id="fast"), timeout(20)
+            )
+        stats = server.get_stats()
+    # The stats are public: the demo paced itself under the rate and was never refused.
+    assert (result.sent, result.acked, result.errors, result.unanswered) == (count, count, 0, 0)
+    assert result.paced_at == pytest.approx(180) and result.retried == 0
+    assert result.held_back == result.paced > 0
+    assert stats["publishes_rate_limited"] == 0
+    expected = list(demo_messages(count))
+    assert [(e.type, e.data) for e in published] == [(p["type"], p["data"]) for p in expected]
+    # 25 at once (half the burst), then 180/s.
+    assert result.elapsed >= (count - 25) / 180 * 0.9
+    assert result.effective_rate == pytest.approx(count / result.elapsed)
+
+
+async def test_run_demo_refused_with_rate_limited_resends_in_order_and_loses_nothing() -> None:
+    auth = pytest.importorskip("gathering_lab.auth")
+    secret = "s" * 32
+    token = auth.mint_token(secret, "demo-bot", "subscribe,publish")  # no admin: no stats
+    bus = EventBus()
+    count = 200
+    server_options = {"bus": bus, "auth": auth.JWTAuth(secret), "publish_rate": 200}
+    async with running_server(**server_options, publish_burst=20) as server:
+        with capture_events(bus) as published:
+            result = await asyncio.wait_for(
+                run_demo(server.url, count=count, rate=0, token=token), timeout(20)
+            )
+        stats = server.get_stats()
+    # Every event published once, in the story's order; no refusal counted as an error.
+    assert (result.sent, result.acked, result.errors, result.unanswered) == (count, count, 0, 0)
+    expected = list(demo_messages(count))
+    assert [(e.type, e.data) for e in published] == [(p["type"], p["data"]) for p in expected]
+    # Held back (and says how often), then paced under the rate the refusal named.
+    assert result.retried > 0 and result.retried == stats["publishes_rate_limited"]
+    assert result.retried < 20, result.retried  # paced after the first refusal
+    assert result.paced_at == pytest.approx(180)
+    assert result.elapsed >= (count - 20) / 200 * 0.9
+
+
+async def test_demo_cli_reports_the_times_it_was_held_back() -> None:
+    import os
+    import re
+    import sys
+
+    auth = pytest.importorskip("gathering_lab.auth")
+    secret = "s" * 32
+    token = auth.mint_token(secret, "demo-bot", "subscribe,publish")  # no admin: no stats
+    options = {"auth": auth.JWTAuth(secret), "publish_rate": 100, "publish_burst": 10}
+    async with running_server(**options) as server:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *("-m", "gathering_lab", "demo", "--url", server.url, "--count", "60", "--rate", "0"),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "GATHERING_LAB_TOKEN": token},
+        )
+        try:
+            _, err = await asyncio.wait_for(process.communicate(), timeout(30))
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    text = err.decode()
+    assert process.returncode == 0, text
+    assert re.search(r"demo: 60 sent, 60 acked, 0 errors, [\d.]+ ev/s, .*held back [1-9]", text)
+    last = text.splitlines()[-1]
+    assert re.match(
+        r"^demo: held back [1-9]\d* times by the server's publish rate: \d+ paced at 90 ev/s, "
+        r"[1-9]\d* refused \(rate_limited\) and sent again in order; 60 published at "
+        r"[\d.]+ ev/s effective$",
+        last,
+    ), text

@@ -336,3 +336,198 @@ def test_write_delay_is_checked() -> None:
     for bad in (-0.01, 2, "20ms", True):
         with pytest.raises(ValueError, match="write_delay"):
             ConnectionManager(write_delay=bad)
+
+
+# The replay tool (gathering_lab.replay) over a server that stops and starts again
+
+
+def numbered_trace(count: int, step: float = 0.001) -> Any:
+    """A DataFrame of ``count`` events whose data numbers them, ``step`` seconds apart."""
+    import pandas as pd
+
+    start = pd.Timestamp("2026-01-01", tz="UTC")
+    return pd.DataFrame(
+        {
+            "type": ["replay.test"] * count,
+            "data": [{"i": i} for i in range(count)],
+            "received_at": [start + pd.Timedelta(seconds=i * step) for i in range(count)],
+        }
+    )
+
+
+async def test_replay_goes_on_across_a_server_restart_exactly_once_where_acked() -> None:
+    from gathering_lab.replay import replay
+    from gathering_lab.testing import free_port
+
+    count = 2000
+    bus = EventBus()  # the same process bus on both runs: its log survives the restart
+    port = free_port()
+    published: list[int] = []
+    bus.subscribe("replay.test", lambda event: published.append(event.data["i"]))
+    # 2000 events over 2 s, at most 256 in flight (no server rate: no pacing).
+    options = {"bus": bus, "port": port, "publish_rate": 0}
+    async with running_server(**options) as server:
+        task = asyncio.create_task(
+            replay(numbered_trace(count), server.url, progress=False, base_delay=0.05)
+        )
+        await wait_for(lambda: len(published) >= 500, timeout(10))
+    down_at = len(published)
+    assert down_at < count and not task.done()  # stopped mid-replay
+    async with running_server(**options, manager=ConnectionManager()):
+        result = await asyncio.wait_for(task, timeout(30))
+    assert result.reconnects == 1 and result.connections == 2
+    assert result.published == result.total == count and result.failed == 0
+    # Every event at least once, in order of first publication; exactly once unless the
+    # replay said it may be twice (sent, no ack, connection lost).
+    first_seen = list(dict.fromkeys(published))
+    assert first_seen == list(range(count))
+    twice = {i for i in set(published) if published.count(i) > 1}
+    assert twice <= set(result.maybe_duplicated)
+    assert all(published.count(i) <= 2 for i in result.maybe_duplicated)
+    assert len(published) == count + len(twice)
+    assert result.resent >= len(result.maybe_duplicated)
+
+
+async def test_replay_without_reconnect_fails_at_the_drop() -> None:
+    from gathering_lab.exceptions import ConnectionFailed
+    from gathering_lab.replay import replay
+
+    bus = EventBus()
+    published: list[int] = []
+    bus.subscribe("replay.test", lambda event: published.append(event.data["i"]))
+    async with running_server(bus=bus, publish_rate=0) as server:
+        task = asyncio.create_task(
+            replay(numbered_trace(2000), server.url, progress=False, reconnect=False)
+        )
+        await wait_for(lambda: len(published) >= 100, timeout(10))
+    with pytest.raises(ConnectionFailed, match="closed the connection.*1001"):
+        await asyncio.wait_for(task, timeout(10))
+
+
+async def test_replay_gives_up_when_the_server_does_not_come_back() -> None:
+    from gathering_lab.exceptions import ConnectionFailed
+    from gathering_lab.replay import replay
+
+    bus = EventBus()
+    published: list[int] = []
+    bus.subscribe("replay.test", lambda event: published.append(event.data["i"]))
+    async with running_server(bus=bus, publish_rate=0) as server:
+        task = asyncio.create_task(
+            replay(
+                numbered_trace(2000),
+                server.url,
+                progress=False,
+                base_delay=0.05,
+                max_delay=0.1,
+                max_retries=3,
+            )
+        )
+        await wait_for(lambda: len(published) >= 100, timeout(10))
+    with pytest.raises(ConnectionFailed, match=r"gave up after 3 reconnect attempts .* of 2000"):
+        await asyncio.wait_for(task, timeout(10))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_retries": -1}, "max_retries"),
+        ({"base_delay": 0}, "base_delay"),
+        ({"retry_timeout": 0}, "retry_timeout"),
+    ],
+)
+async def test_replay_reconnect_options_are_checked(kwargs: dict[str, Any], match: str) -> None:
+    from gathering_lab.replay import replay
+
+    with pytest.raises(ValueError, match=match):
+        await replay(numbered_trace(1), "ws://127.0.0.1:9/ws/dashboard", **kwargs)
+
+
+async def test_replay_cli_reconnects_and_reports_it(tmp_path: Any) -> None:
+    import os
+    import re
+    import sys
+
+    from gathering_lab.record import write_demo_recording
+    from gathering_lab.testing import free_port
+
+    trace = write_demo_recording(tmp_path / "t.jsonl", 2000, rate=1000)  # 2 s at speed 1
+    bus = EventBus()
+    published: list[Event] = []
+    bus.subscribe("*", published.append)
+    options = {"bus": bus, "port": free_port(), "publish_rate": 0}
+    async with running_server(**options) as server:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *("-m", "gathering_lab", "replay", str(trace), "--url", server.url),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "TQDM_DISABLE": "1"},
+        )
+        try:
+            await wait_for(lambda: len(published) >= 300, timeout(20))
+        except BaseException:
+            process.kill()
+            raise
+    try:
+        async with running_server(**options, manager=ConnectionManager()):
+            _, err = await asyncio.wait_for(process.communicate(), timeout(30))
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    text = err.decode()
+    assert process.returncode == 0, text
+    summary = re.search(
+        r"replay: 2000 of 2000 events published in [\d.]+ s \(\d+ ev/s\); held back 0 times "
+        r"by the server's publish rate .*, 1 reconnects \((\d+) events may have been "
+        r"published twice\)",
+        text,
+    )
+    assert summary is not None, text
+    twice = int(summary.group(1))
+    assert len(published) - 2000 <= twice
+    if twice:
+        assert "may have been published twice (sent, no ack, connection lost): events #" in text
+    assert "reconnecting in" in text and "Traceback" not in text
+
+
+async def test_replay_over_a_redis_log_survives_a_node_restart(redis_server: Any) -> None:
+    from gathering_lab.replay import replay
+    from gathering_lab.testing import free_port
+    from gathering_lab.websocket import serve as serve_node
+
+    count = 1000
+    port = free_port()
+
+    async def node() -> Server:
+        return await serve_node(
+            port=port, bus=redis_server.url, manager=ConnectionManager(), publish_rate=0
+        )
+
+    first = await node()
+    try:
+        task = asyncio.create_task(
+            replay(numbered_trace(count, 0.002), first.url, progress=False, base_delay=0.05)
+        )
+        await wait_for(lambda: first.bus.last_seq >= 300, timeout(10))
+    finally:
+        first.close()
+        await first.wait_closed()
+    assert not task.done()
+    second = await node()  # a new bus on the same log: seq and epoch go on
+    try:
+        result = await asyncio.wait_for(task, timeout(30))
+        last, epoch = second.bus.last_seq, second.bus.epoch
+        url = f"{second.url}?client_id=check&last_seq=0&epoch={epoch}"
+        async with connect(url, max_size=None) as ws:
+            got = await recv_until(ws, lambda m: m.get("seq") == last, wait=timeout(20))
+    finally:
+        second.close()
+        await second.wait_closed()
+    assert result.reconnects == 1 and result.published == count and result.failed == 0
+    published = [m["data"]["i"] for m in got if m.get("type") == "replay.test"]
+    assert list(dict.fromkeys(published)) == list(range(count))  # all, in order
+    twice = {i for i in set(published) if published.count(i) > 1}
+    assert twice <= set(result.maybe_duplicated)  # exactly once where acknowledged
+    assert len(published) == count + len(twice)

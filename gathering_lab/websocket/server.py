@@ -215,6 +215,13 @@ class Server:
         return f"<Server {self.url} {state} clients={self.manager.active_connections}>"
 
 
+#: How a refusal's log line names each connection limit: the serve flag, then the keyword.
+_LIMIT_NAMES = {
+    "max_connections": "--max-connections (max_connections=)",
+    "max_connections_per_ip": "--max-connections-per-ip (max_connections_per_ip=)",
+}
+
+
 class _Gate:
     """Admission at accept() and at the upgrade, and accept() failures: counts, 503s, logs."""
 
@@ -275,12 +282,14 @@ class _Gate:
         if reason == "max_connections_per_ip":
             text = (
                 f"too many connections from {ip}: {self.admission.max_connections_per_ip} "
-                "WebSocket clients per address (max_connections_per_ip); retry later"
+                "WebSocket clients per address (serve --max-connections-per-ip, "
+                "max_connections_per_ip= in Python); retry later"
             )
         elif reason == "max_connections":
             text = (
                 f"too many connections: this server takes {self.admission.max_connections} "
-                "WebSocket clients (max_connections); retry later"
+                "WebSocket clients (serve --max-connections, max_connections= in Python); "
+                "retry later"
             )
         else:
             text = "server busy: too many open connections; retry later"
@@ -297,7 +306,7 @@ class _Gate:
                 "refused a connection from %s with 503: %s reached (%d sockets, %d WebSocket "
                 "clients; %d more refusals since the last report)",
                 ip or "?",
-                reason,
+                _LIMIT_NAMES.get(reason, reason),
                 self.admission.sockets,
                 self.admission.websockets,
                 held,
@@ -313,7 +322,7 @@ class _Gate:
         logger.warning(
             "accept() failed: %s (errno %s) with %d sockets open; new connections wait in the "
             "listen backlog, retried every second (%d more failures since the last report). "
-            "Raise the descriptor limit (ulimit -n) or lower max_connections",
+            "Raise the descriptor limit (ulimit -n) or lower --max-connections",
             exc.strerror,
             errno.errorcode.get(exc.errno or 0, exc.errno),
             self.admission.sockets,
@@ -777,9 +786,9 @@ def _admission(max_connections: int | None, per_ip: int | None) -> Admission:
     needed = admission.max_sockets + open_now + DESCRIPTOR_RESERVE
     if needed > soft:
         logger.warning(
-            "max_connections=%d needs about %d file descriptors but this process may open "
-            "%d (RLIMIT_NOFILE): past about %d sockets accept() fails with EMFILE. Raise the "
-            "limit (ulimit -n) or lower max_connections",
+            "--max-connections %d (max_connections= in Python) needs about %d file "
+            "descriptors but this process may open %d (RLIMIT_NOFILE): past about %d sockets "
+            "accept() fails with EMFILE. Raise the limit (ulimit -n) or lower --max-connections",
             max_connections,
             needed,
             soft,
