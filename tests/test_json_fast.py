@@ -1,0 +1,326 @@
+"""orjson on the hot paths (issue 11, item 3): the same bytes and the same strict rules.
+
+:func:`protocol.encode` writes with orjson and falls back to the standard library (the
+reference, ``protocol._encode_stdlib``) for what orjson refuses; :func:`protocol.decode`,
+:func:`protocol.loads` and :func:`protocol.parse_client_message` parse with orjson and
+fall back likewise. These tests hold the fast path to the reference: byte for byte over
+generated envelopes, and rule for rule on NaN, Infinity, lone surrogates, depth and
+integers past 64 bits (which orjson alone would refuse to write, or read as floats).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gathering_lab import protocol
+from gathering_lab.client import LabClient, connect
+from gathering_lab.events import Event, EventBus
+from gathering_lab.exceptions import ProtocolError
+from gathering_lab.testing import recv_until, timeout
+from gathering_lab.websocket import Server
+
+reference = protocol._encode_stdlib
+MAX = MAX_DEPTH_ENVELOPE = protocol.MAX_DEPTH + 1
+
+
+def _stdlib(message: Any) -> bytes:
+    return reference(message, MAX)
+
+
+# Strategies: what a publisher may put in an event, and the envelopes around it.
+
+KEYS = st.text(st.characters(exclude_categories=["Cs"]), max_size=8)
+TEXT = st.text(st.characters(exclude_categories=["Cs"]), max_size=16)
+INTS = st.integers() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+SCALARS = st.none() | st.booleans() | INTS | TEXT
+FLOATS = st.floats(allow_nan=False, allow_infinity=False)
+
+
+def _json(leaves: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.recursive(
+        leaves,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(KEYS, inner, max_size=4),
+        max_leaves=20,
+    )
+
+
+IDS = st.none() | st.integers(min_value=-(2**63), max_value=2**63 - 1) | TEXT.filter(bool)
+WORD = st.from_regex(r"[a-z][a-z0-9_]{0,7}", fullmatch=True)
+TYPES = st.lists(WORD, min_size=2, max_size=4).map(".".join)
+MOMENTS = st.datetimes(
+    min_value=datetime(1000, 1, 1), max_value=datetime(9999, 1, 1), timezones=st.just(UTC)
+)
+
+
+@st.composite
+def events(draw: st.DrawFn, leaves: st.SearchStrategy[Any] = SCALARS) -> Event:
+    event = Event(
+        type=draw(TYPES),
+        data=draw(st.dictionaries(KEYS, _json(leaves), max_size=5)),
+        source_agent_id=draw(IDS),
+        circle_id=draw(IDS),
+        project_id=draw(IDS),
+        timestamp=draw(MOMENTS),
+    )
+    event.seq = draw(st.none() | st.integers(min_value=1, max_value=2**63 - 1))
+    event.epoch = draw(st.none() | st.text("0123456789abcdef", min_size=12, max_size=12))
+    return event
+
+
+# Byte-identical output
+
+
+@settings(max_examples=400)
+@given(events())
+def test_event_envelopes_are_byte_identical_to_the_stdlib_encoding(event: Event) -> None:
+    wire = event.encoded()
+    assert wire == _stdlib(event.to_dict())
+    assert wire.startswith(b'{"type":"' + event.type_name.encode() + b'","data":')
+    timestamp = json.loads(wire)["timestamp"]
+    assert timestamp.endswith("Z") and len(timestamp) == len("2024-01-15T10:30:00.123456Z")
+
+
+@settings(max_examples=300)
+@given(_json(SCALARS))
+def test_any_json_value_without_floats_encodes_to_the_same_bytes(value: Any) -> None:
+    message = {"type": "x.y", "data": value}
+    assert protocol.encode(message) == _stdlib(message)
+
+
+@settings(max_examples=300)
+@given(_json(SCALARS | FLOATS))
+def test_floats_may_be_spelled_differently_but_are_the_same_numbers(value: Any) -> None:
+    message = {"type": "x.y", "data": value}
+    fast, slow = protocol.encode(message), _stdlib(message)
+    assert json.loads(fast) == json.loads(slow)
+    # Only a float's spelling may differ: same length give or take its exponent's zeros.
+    if fast != slow:
+        assert "." in repr(value) or "e" in repr(value)
+
+
+@pytest.mark.parametrize(
+    ("number", "fast", "stdlib"),
+    [(1e-7, b"1e-7", b"1e-07"), (1e-5, b"0.00001", b"1e-05"), (1e16, b"1e+16", b"1e+16")],
+)
+def test_the_known_float_spellings(number: float, fast: bytes, stdlib: bytes) -> None:
+    """The difference the docs state (design-notes, "JSON"): the same double, other text."""
+    assert protocol.encode({"x": number}) == b'{"x":' + fast + b"}"
+    assert _stdlib({"x": number}) == b'{"x":' + stdlib + b"}"
+    assert json.loads(fast) == json.loads(stdlib) == number
+
+
+@settings(max_examples=300)
+@given(MOMENTS | st.datetimes(timezones=st.timezones()))
+def test_timestamps_are_the_isoformat_text(moment: datetime) -> None:
+    expected = moment.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+    assert protocol.format_timestamp(moment) == expected
+
+
+def test_timestamps_keep_six_digits_when_the_microseconds_are_zero() -> None:
+    moment = datetime(2024, 1, 15, 10, 30, tzinfo=UTC)
+    assert protocol.format_timestamp(moment) == "2024-01-15T10:30:00.000000Z"
+    assert protocol.format_timestamp(moment.replace(microsecond=7)) == (
+        "2024-01-15T10:30:00.000007Z"
+    )
+    paris = timezone(timedelta(hours=1))
+    assert protocol.format_timestamp(datetime(2024, 1, 15, 11, 30, 0, 5, tzinfo=paris)) == (
+        "2024-01-15T10:30:00.000005Z"
+    )
+    with pytest.raises(ValueError, match="timezone-aware"):
+        protocol.format_timestamp(datetime(2024, 1, 15))
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+
+
+def test_objects_json_has_no_type_for_are_written_as_before() -> None:
+    """str() for datetimes, dataclasses, sets, Decimals; numbers for float subclasses."""
+
+    class Ratio(float):
+        pass
+
+    data = {
+        "when": datetime(2024, 1, 15, 10, 30, tzinfo=UTC),
+        "point": Point(1),
+        "tags": {"a"},
+        "price": Decimal("1.10"),
+        "ratio": Ratio(0.5),
+        "ints": (1, 2),
+        1: "int key",
+        None: "null key",
+    }
+    message = {"type": "x.y", "data": data}
+    assert protocol.encode(message) == _stdlib(message)
+    assert json.loads(protocol.encode(message))["data"]["ratio"] == 0.5
+
+
+# The strict rules, on the fast path
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize(
+    "where",
+    [
+        lambda bad: {"x": bad},
+        lambda bad: {"x": None, "y": [None, bad]},  # nulls around it: the count must not hide it
+        lambda bad: {"a": {"b": [1, {"c": bad}]}},
+        lambda bad: {"null": "null", "x": [bad]},  # "null" in strings: still caught
+    ],
+)
+def test_nan_and_infinity_are_refused_not_written_as_null(where: Any, bad: float) -> None:
+    """orjson alone writes NaN and Infinity as null; encode() must refuse them instead."""
+    message = {"type": "x.y", "data": where(bad), "circle_id": None}
+    with pytest.raises(ValueError, match="not strict JSON"):
+        protocol.encode(message)
+    bus = EventBus()
+    with pytest.raises(ValueError, match="cannot be sent"):
+        bus.publish_nowait(Event(type="x.y", data=where(bad)))
+    assert bus.get_stats()["events_rejected"] == 1 and bus.last_seq == 0
+
+
+def test_a_numpy_nan_is_refused_too() -> None:
+    numpy = pytest.importorskip("numpy")
+    with pytest.raises(ValueError, match="not strict JSON"):
+        protocol.encode({"type": "x.y", "data": {"x": numpy.float64("nan")}})
+    assert protocol.encode({"data": {"x": numpy.float64(0.5)}}) == b'{"data":{"x":0.5}}'
+
+
+def test_nulls_in_strings_and_nested_nones_still_encode() -> None:
+    message = {"type": "x.y", "data": {"a": [None, {"b": None}], "s": "null null"}}
+    assert protocol.encode(message) == _stdlib(message)
+
+
+def test_lone_surrogates_are_refused_on_the_way_out_and_in() -> None:
+    with pytest.raises(ValueError, match="lone surrogate"):
+        protocol.encode({"type": "x.y", "data": {"x": "a\ud800"}})
+    with pytest.raises(ValueError, match="lone surrogate"):
+        protocol.encode({"type": "x.y", "data": {"a\udc00": 1}})
+    for frame in ('{"type":"x.y","v":"\\ud800"}', '{"type":"x.y","v":"\ud800"}'):
+        with pytest.raises(ProtocolError) as raised:
+            protocol.decode(frame)
+        assert raised.value.code == "invalid_json"
+        with pytest.raises(ProtocolError) as raised:
+            protocol.parse_client_message(frame.replace("x.y", "ping"))
+        assert raised.value.code == "invalid_message"
+    assert protocol.decode('{"type":"x.y","v":"\\ud83d\\ude00"}')["v"] == "\U0001f600"
+
+
+def test_depth_is_bounded_on_the_way_out() -> None:
+    deep: Any = 1
+    for _ in range(protocol.MAX_DEPTH + 1):
+        deep = [deep]
+    with pytest.raises(ValueError, match="nested more than"):
+        protocol.encode({"type": "x.y", "data": {"d": deep}})
+    very_deep: Any = 1
+    for _ in range(300):  # past orjson's own limit: the reference path answers
+        very_deep = {"a": very_deep}
+    with pytest.raises(ValueError, match="nested more than"):
+        protocol.encode({"type": "x.y", "data": very_deep})
+
+
+def test_the_client_decoder_refuses_nan_and_infinity() -> None:
+    """The old decoder took them; a server sending them is now reported, not believed."""
+    for frame in (
+        b'{"type":"x.y","v":NaN}',
+        b'{"type":"x.y","v":-Infinity}',
+        b'{"type":"x.y","v":1e999}',
+    ):
+        with pytest.raises(ProtocolError) as raised:
+            protocol.decode(frame)
+        assert raised.value.code == "invalid_json"
+    with pytest.raises(ProtocolError) as raised:
+        protocol.decode(b"[1]")
+    assert raised.value.code == "invalid_message"
+
+
+# Integers past 64 bits: carried exactly, never turned into floats
+
+
+BIG = [2**64, 2**70, -(2**63) - 1, -(2**100), 10**30]
+
+
+@pytest.mark.parametrize("number", BIG)
+def test_big_ints_are_encoded_exactly(number: int) -> None:
+    """orjson refuses them (TypeError): the reference path writes them, as before."""
+    message = {"type": "x.y", "data": {"n": number}}
+    assert protocol.encode(message) == _stdlib(message)
+    assert str(number).encode() in protocol.encode(message)
+
+
+@pytest.mark.parametrize("number", BIG)
+def test_big_ints_are_decoded_exactly(number: int) -> None:
+    """orjson alone would read them as floats, silently: loads() keeps the exact int."""
+    frame = f'{{"type":"x.y","data":{{"n":{number}}}}}'
+    for raw in (frame, frame.encode()):
+        assert protocol.decode(raw)["data"]["n"] == number
+        assert type(protocol.loads(raw)["data"]["n"]) is int
+        publish = protocol.parse_client_message(
+            f'{{"type":"publish","data":{{"type":"x.y","data":{{"n":{number}}}}}}}'
+        )
+        assert isinstance(publish, protocol.Publish) and publish.data == {"n": number}
+
+
+def test_64_bit_edges_and_long_digit_strings() -> None:
+    for number in (2**64 - 1, 2**63 - 1, -(2**63)):
+        assert protocol.decode(f'{{"type":"x.y","n":{number}}}')["n"] == number
+    # 19 digits in a string or a float's fraction take the exact path and parse the same.
+    frame = '{"type":"x.y","s":"1234567890123456789012","f":0.12345678901234567891}'
+    assert protocol.decode(frame) == json.loads(frame)
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b'{"type":"ping","id":"a"}',
+        b'{"type":"publish","id":7,"data":{"type":"task.created","data":{"x":[1,2.5,null]}}}',
+        b'{"type":"subscribe","data":{"event_types":["task.*"],"circle_id":1}}',
+        '{"type":"publish","data":{"type":"a.b","data":{"t":"caf\u00e9 \U0001f600"}}}',
+        b'{"type":"resume","data":{"since_seq":3,"epoch":"e"}}',
+    ],
+)
+def test_client_messages_parse_the_same_on_both_paths(frame: str | bytes) -> None:
+    assert protocol.parse_client_message(frame) == protocol._parse_stdlib(frame, 64)
+
+
+# Over real sockets
+
+
+async def test_a_big_int_goes_through_server_and_client_exactly(
+    server: Server, bus: EventBus
+) -> None:
+    """Published over the wire, carried by the bus, decoded by LabClient: still the int."""
+    client: LabClient = await connect(server.url, "big", base_delay=0.05)
+    try:
+        ack = await client.publish("task.created", {"n": 2**70, "m": -(2**64), "f": 0.5})
+        assert ack is not None
+        await client.wait_for_events(1, timeout(5))
+        row = client.frame.df.iloc[-1]
+        assert row["data"] == {"n": 2**70, "m": -(2**64), "f": 0.5}
+        assert bus.get_history()[0].data["n"] == 2**70
+    finally:
+        await client.close()
+
+
+async def test_nan_published_over_the_wire_is_refused(server: Server, bus: EventBus) -> None:
+    """The poison of issue 8 still gets invalid_message with orjson on the way in and out."""
+    from websockets.asyncio.client import connect as ws_connect
+
+    async with ws_connect(server.url) as ws:
+        await recv_until(ws, lambda m: m["type"] == "connection.established")
+        for value in ("NaN", "1e999", "-Infinity"):
+            data = '{"x":[null,' + value + "]}"
+            await ws.send('{"type":"publish","id":"p","data":{"type":"a.b","data":' + data + "}}")
+            reply = (await recv_until(ws, lambda m: m["type"] in ("error", "published")))[-1]
+            assert reply["data"]["code"] == "invalid_message" and reply["id"] == "p"
+    assert bus.last_seq == 0
