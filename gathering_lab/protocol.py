@@ -371,15 +371,14 @@ def decode(frame: str | bytes) -> dict[str, Any]:
     """
     try:
         message = _orjson_loads(frame)
-        if (frame.encode() if frame.__class__ is str else frame).translate(  # type: ignore[union-attr]
-            _DIGITS
-        ).find(_LONG_NUMBER) != -1:
+        raw: bytes = frame.encode() if isinstance(frame, str) else frame
+        if _LONG_NUMBER in raw.translate(_DIGITS):
             message = loads(frame)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError("invalid_json", f"invalid JSON: {exc}") from None
     if message.__class__ is not dict or message.get("type").__class__ is not str:
         raise ProtocolError("invalid_message", "message must be a JSON object with a 'type'")
-    return message  # type: ignore[no-any-return]
+    return message
 
 
 def connection_established(client_id: str, **extras: Any) -> dict[str, Any]:
