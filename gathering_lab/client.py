@@ -45,6 +45,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from . import protocol
 from .auth import install_redaction
 from .connection import (
+    DispatchConnection,
     check_url,
     connect_error,
     connect_options,
@@ -492,20 +493,32 @@ class LabClient:
             open_timeout=self.open_timeout,
             ping_timeout=self.ping_timeout,
             max_size=self.max_message_size,
+            create_connection=DispatchConnection,
         )
         async with ws_connect(url, **options) as ws:
             self._ws = ws
+            direct = ws if isinstance(ws, DispatchConnection) else None
             try:
                 hello = protocol.decode(await asyncio.wait_for(ws.recv(), self.open_timeout))
+                if direct is not None:
+                    direct.taken()
                 if hello["type"] != "connection.established":
                     raise ConnectionFailed(f"unexpected greeting {hello['type']!r}")
                 self._greeted(hello)
                 await self._after_greeting(ws)
                 heartbeat = self._spawn(self._heartbeat(ws)) if self.heartbeat else None
                 try:
+                    if direct is not None:
+                        # Text messages now reach _dispatched() as they are read; the
+                        # loop below takes the rest, and what came before, in order.
+                        direct.on_text = self._dispatched
                     async for raw in ws:
+                        if direct is not None:
+                            direct.taken()
                         self._handle(raw)
                 finally:
+                    if direct is not None:
+                        direct.on_text = None
                     if heartbeat is not None:
                         heartbeat.cancel()
             finally:
@@ -588,6 +601,13 @@ class LabClient:
             request_id = self._heartbeat_id = self._new_id()
             self._add_pending(request_id, _Request("pong", None))
             await ws.send(protocol.encode(protocol.Ping(request_id).to_message()).decode())
+
+    def _dispatched(self, raw: str) -> None:
+        """A message delivered straight from the connection's parse loop: must not raise."""
+        try:
+            self._handle(raw)
+        except Exception:
+            logger.exception("failed to handle a message from the server")
 
     def _handle(self, raw: str | bytes) -> None:
         received_at = time.time()

@@ -25,7 +25,7 @@ from gathering_lab import protocol
 from gathering_lab.client import LabClient, connect
 from gathering_lab.events import Event, EventBus
 from gathering_lab.exceptions import ProtocolError
-from gathering_lab.testing import recv_until, timeout
+from gathering_lab.testing import recv_until, timeout, wait_for
 from gathering_lab.websocket import Server
 
 reference = protocol._encode_stdlib
@@ -324,3 +324,97 @@ async def test_nan_published_over_the_wire_is_refused(server: Server, bus: Event
             reply = (await recv_until(ws, lambda m: m["type"] in ("error", "published")))[-1]
             assert reply["data"]["code"] == "invalid_message" and reply["id"] == "p"
     assert bus.last_seq == 0
+
+
+# LabClient's direct delivery (connection.DispatchConnection)
+
+
+def _envelope(seq: int) -> str:
+    event = Event(type="task.created", data={"n": seq})
+    event.seq, event.epoch = seq, "e1"
+    return event.encoded().decode()
+
+
+async def _scripted_server(script: Any) -> Any:
+    """A websockets server that greets like ours, then runs ``script(ws)``."""
+    from websockets.asyncio.server import serve as ws_serve
+
+    async def handler(ws: Any) -> None:
+        greeting = protocol.connection_established("c", seq=0, epoch="e1", request_ids=True)
+        await ws.send(protocol.encode(greeting).decode())
+        await script(ws)
+        await ws.wait_closed()
+
+    return ws_serve(handler, "127.0.0.1", 0)
+
+
+async def test_events_reach_the_frame_straight_from_the_parse_loop(
+    server: Server, bus: EventBus
+) -> None:
+    """The fast path is taken (not only the queue): an upgrade of websockets that broke
+    the hook would show here first."""
+    client = await connect(server.url, "direct", base_delay=0.05, heartbeat=None)
+    try:
+        for n in range(50):
+            await bus.publish(Event(type="task.created", data={"n": n}))
+        await client.wait_for_events(50, timeout(5))
+        assert list(client.frame.df["seq"]) == list(range(1, 51))
+        assert client._ws is not None and client._ws.dispatched >= 50  # type: ignore[attr-defined]
+    finally:
+        await client.close()
+
+
+async def test_fragmented_and_queued_messages_keep_their_order() -> None:
+    """A fragmented message goes through websockets' queue; those after it wait their turn."""
+
+    def frame(first: int, payload: str) -> bytes:  # an unmasked frame, as a server sends
+        data = payload.encode()
+        assert len(data) < 65536
+        length = bytes((len(data),)) if len(data) < 126 else b"\x7e" + len(data).to_bytes(2)
+        return bytes((first,)) + length + data
+
+    async def script(ws: Any) -> None:
+        ping = json.loads(await ws.recv())  # the client is in its read loop by now
+        text = _envelope(2)
+        # One write, so the client parses them all in one go: 1 whole; 2 in three
+        # fragments (TEXT without FIN, CONT, CONT with FIN); then 3 to 7 whole.
+        burst = frame(0x81, protocol.encode(protocol.pong(ping["id"])).decode())
+        burst += frame(0x81, _envelope(1))
+        burst += frame(0x01, text[:10]) + frame(0x00, text[10:30]) + frame(0x80, text[30:])
+        burst += b"".join(frame(0x81, _envelope(seq)) for seq in range(3, 8))
+        ws.transport.write(burst)
+
+    async with await _scripted_server(script) as fake:
+        port = next(iter(fake.sockets)).getsockname()[1]
+        client = await connect(f"ws://127.0.0.1:{port}/ws/dashboard", "order", heartbeat=None)
+        try:
+            await client.ping()
+            await client.wait_for_events(7, timeout(5))
+            assert list(client.frame.df["seq"]) == list(range(1, 8))
+            assert client.gaps == 0 and client.duplicates == 0
+        finally:
+            await client.close()
+
+
+async def test_a_text_frame_that_is_not_utf8_still_closes_with_1007() -> None:
+    closed: list[Any] = []
+
+    async def script(ws: Any) -> None:
+        await ws.send(_envelope(1))
+        ws.transport.write(b"\x81\x02\xff\xfe")  # an unmasked text frame: invalid UTF-8
+        await ws.wait_closed()
+        closed.append(ws.close_code)  # what the client sent
+
+    async with await _scripted_server(script) as fake:
+        port = next(iter(fake.sockets)).getsockname()[1]
+        client = LabClient(f"ws://127.0.0.1:{port}/ws/dashboard", "utf8", reconnect=False)
+        await client.connect()
+        try:
+            await client.wait_for_events(1, timeout(5))
+            await client.wait_for_status("disconnected", timeout(5))
+            # websockets failed the connection itself, as without direct delivery.
+            await wait_for(lambda: closed, timeout(5))
+            assert closed == [1007]
+            assert len(client.frame) == 1
+        finally:
+            await client.close()
