@@ -125,6 +125,7 @@ _OrjsonDecodeError = orjson.JSONDecodeError
 _DIGITS = bytes(48 if 48 <= i <= 57 else 32 for i in range(256))
 _LONG_NUMBER = b"0" * 19
 _ORJSON_UTC_Z = orjson.OPT_UTC_Z
+_join = b"".join
 _CONTAINERS = (dict, list, tuple)
 _ID_PREFIX = "evt_" + secrets.token_hex(6)
 _ID_COUNTER = itertools.count(secrets.randbelow(2**32))
@@ -339,7 +340,9 @@ def encode(message: Mapping[str, Any], max_depth: int = MAX_DEPTH + 1) -> bytes:
     # Fewer brackets than levels allowed cannot nest too deep: walk only the others.
     if data.count(b"{") + data.count(b"[") > max_depth:
         check_depth(message, max_depth)
-    return data
+    # orjson's bytes keep the buffer it wrote into (4 KiB at least since 3.12, however
+    # short the JSON): a copy of the right size, since events stay in history.
+    return _join((data, b""))
 
 
 def _refuse_nan(name: str) -> Any:

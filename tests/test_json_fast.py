@@ -418,3 +418,21 @@ async def test_a_text_frame_that_is_not_utf8_still_closes_with_1007() -> None:
             assert len(client.frame) == 1
         finally:
             await client.close()
+
+
+def test_encoded_events_do_not_keep_orjson_s_whole_buffer() -> None:
+    """orjson (3.12 and later) hands back bytes that keep a 4 KiB buffer, however short the
+    JSON; a history of 10,000 small events would hold 40 MiB instead of 3."""
+    import tracemalloc
+
+    bus = EventBus()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for n in range(500):
+            bus.publish_nowait(Event(type="task.created", data={"n": n}))
+        held = (tracemalloc.get_traced_memory()[0] - before) / 500
+    finally:
+        tracemalloc.stop()
+    wire = len(bus.get_history(limit=1)[0].encoded())
+    assert held < wire + 1500, f"{held:.0f} bytes held per event of {wire} bytes of JSON"
