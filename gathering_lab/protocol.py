@@ -120,10 +120,12 @@ _ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATAC
 _orjson_dumps = orjson.dumps
 _orjson_loads = orjson.loads
 _OrjsonDecodeError = orjson.JSONDecodeError
-# Maps every digit to b"0" and every other byte to b" ": a run of 19 zeros after it is a
-# number orjson may not parse as the exact int (it turns ints past 64 bits into floats).
-_DIGITS = bytes(48 if 48 <= i <= 57 else 32 for i in range(256))
-_LONG_NUMBER = b"0" * 19
+# orjson reads the ints of [-2**63, 2**64 - 1] exactly and others as floats, silently.
+# Past that range an int has 20 digits or more, or is negative with 19: _maybe_big()
+# finds those (and some harmless others, e.g. long fractions) for the exact parser.
+_DIGITS = bytes(48 if 48 <= i <= 57 else 45 if i == 45 else 32 for i in range(256))
+_TWENTY_DIGITS = b"0" * 20
+_MINUS_NINETEEN = b"-" + b"0" * 19
 _ORJSON_UTC_Z = orjson.OPT_UTC_Z
 _join = b"".join
 _CONTAINERS = (dict, list, tuple)
@@ -353,15 +355,21 @@ def _refuse_nan(name: str) -> Any:
 _EXACT_DECODER = json.JSONDecoder(parse_constant=_refuse_nan)
 
 
+def _maybe_big(raw: bytes) -> bool:
+    """True if ``raw`` may hold an int orjson does not read exactly (past 64 bits)."""
+    shape = raw.translate(_DIGITS)  # digits -> "0", "-" stays, anything else -> " "
+    return _TWENTY_DIGITS in shape or _MINUS_NINETEEN in shape
+
+
 def loads(frame: str | bytes) -> Any:
     """Parse strict JSON: raise ValueError for NaN, Infinity (``1e999`` too), lone surrogates.
 
     Integers are exact, however long (orjson would turn those past 64 bits into floats:
-    a frame with 19 digits in a row is parsed by the standard library instead).
+    a frame with 20 digits in a row, or a minus and 19, is parsed by the standard library).
     """
     value = _orjson_loads(frame)  # JSONDecodeError is a ValueError
     raw = frame.encode() if isinstance(frame, str) else frame
-    if _LONG_NUMBER in raw.translate(_DIGITS):
+    if _maybe_big(raw):
         value = _EXACT_DECODER.decode(frame if isinstance(frame, str) else frame.decode())
     return value
 
@@ -375,7 +383,7 @@ def decode(frame: str | bytes) -> dict[str, Any]:
     try:
         message = _orjson_loads(frame)
         raw: bytes = frame.encode() if isinstance(frame, str) else frame
-        if _LONG_NUMBER in raw.translate(_DIGITS):
+        if _maybe_big(raw):
             message = loads(frame)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError("invalid_json", f"invalid JSON: {exc}") from None
@@ -832,7 +840,7 @@ def parse_client_message(
     except _OrjsonDecodeError:
         return _parse_stdlib(frame, max_patterns)
     raw = frame.encode() if isinstance(frame, str) else frame
-    if _LONG_NUMBER in raw.translate(_DIGITS):
+    if _maybe_big(raw):
         return _parse_stdlib(frame, max_patterns)
     if message.__class__ is not dict:
         raise ProtocolError("invalid_json", "message must be a JSON object")

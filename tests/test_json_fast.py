@@ -272,11 +272,26 @@ def test_big_ints_are_decoded_exactly(number: int) -> None:
 
 
 def test_64_bit_edges_and_long_digit_strings() -> None:
-    for number in (2**64 - 1, 2**63 - 1, -(2**63)):
+    for number in (2**64 - 1, 2**63 - 1, -(2**63), -(2**63) - 1, -(10**19) + 1, 10**19):
         assert protocol.decode(f'{{"type":"x.y","n":{number}}}')["n"] == number
-    # 19 digits in a string or a float's fraction take the exact path and parse the same.
-    frame = '{"type":"x.y","s":"1234567890123456789012","f":0.12345678901234567891}'
+    # 20 digits in a string or a float's fraction take the exact path and parse the same.
+    frame = '{"type":"x.y","s":"12345678901234567890123","f":0.12345678901234567891}'
     assert protocol.decode(frame) == json.loads(frame)
+
+
+def test_nanosecond_timestamps_stay_on_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """time.time_ns() has 19 digits: within 64 bits, so orjson reads it exactly itself."""
+
+    def refuse(*args: Any) -> Any:
+        raise AssertionError("took the standard library's path")
+
+    monkeypatch.setattr(protocol, "_parse_stdlib", refuse)
+    monkeypatch.setattr(protocol, "loads", refuse)
+    sent_ns = 1_764_489_600_123_456_789
+    frame = f'{{"type":"publish","data":{{"type":"a.b","data":{{"sent_ns":{sent_ns}}}}}}}'
+    publish = protocol.parse_client_message(frame)
+    assert isinstance(publish, protocol.Publish) and publish.data == {"sent_ns": sent_ns}
+    assert protocol.decode(f'{{"type":"x.y","n":{sent_ns},"m":-{sent_ns // 10}}}')["n"] == sent_ns
 
 
 @pytest.mark.parametrize(
