@@ -337,7 +337,8 @@ def encode(message: Mapping[str, Any], max_depth: int = MAX_DEPTH + 1) -> bytes:
     # orjson writes NaN and Infinity as null. Each one adds a "null" to the output; so
     # does each None: if there are no more "null" than the Nones seen at the first two
     # levels, there is no NaN. Otherwise the strict encoder decides (and names it).
-    if b"null" in data and data.count(b"null") > _known_nulls(message):
+    nulls = data.count(b"null")
+    if nulls and nulls > _known_nulls(message):
         _encode_stdlib(message, max_depth)
     # Fewer brackets than levels allowed cannot nest too deep: walk only the others.
     if data.count(b"{") + data.count(b"[") > max_depth:
