@@ -602,12 +602,22 @@ class LabClient:
             self._add_pending(request_id, _Request("pong", None))
             await ws.send(protocol.encode(protocol.Ping(request_id).to_message()).decode())
 
-    def _dispatched(self, raw: str) -> None:
-        """A message delivered straight from the connection's parse loop: must not raise."""
+    def _dispatched(self, raw: bytes) -> bool:
+        """A text frame straight from the connection's parse loop; False leaves it queued.
+
+        Never raises. A frame that is not a valid message (not UTF-8, not JSON) goes on
+        to the queue, where websockets checks its UTF-8 and :meth:`_handle` logs the rest.
+        """
+        received_at = time.time()
         try:
-            self._handle(raw)
+            message = protocol.decode(raw)
+        except ProtocolError:
+            return False
+        try:
+            self._message(message, received_at)
         except Exception:
             logger.exception("failed to handle a message from the server")
+        return True
 
     def _handle(self, raw: str | bytes) -> None:
         received_at = time.time()
@@ -616,6 +626,9 @@ class LabClient:
         except ProtocolError as exc:
             logger.warning("ignoring a bad message from the server: %s", exc)
             return
+        self._message(message, received_at)
+
+    def _message(self, message: dict[str, Any], received_at: float) -> None:
         kind = message["type"]
         if kind not in protocol.CONTROL_TYPES:
             self._event(message, received_at)
@@ -716,12 +729,14 @@ class LabClient:
             return  # servers without `subscribe`, and replays from before it took effect
         self.frame.append(message, received_at)
         self.events_received += 1
-        for callback in list(self._listeners):
-            try:
-                callback(message)
-            except Exception:
-                logger.exception("event callback %r failed", callback)
-        self._notify()
+        if self._listeners:
+            for callback in list(self._listeners):
+                try:
+                    callback(message)
+                except Exception:
+                    logger.exception("event callback %r failed", callback)
+        if self._waiters:
+            self._notify()
 
     def _mark(self, kind: str, data: dict[str, Any]) -> None:
         self.frame.append(

@@ -166,22 +166,22 @@ class DispatchConnection(ClientConnection):
 
     websockets queues every incoming message until ``recv()`` takes it (a queue, a
     future and an incremental UTF-8 decoder per message). With :attr:`on_text` set, a
-    text message that comes in one frame while nothing waits in that queue is decoded
-    and passed to ``on_text`` straight from the parse loop instead. Anything else
-    (fragmented or binary messages, text that is not UTF-8, and every message that
-    arrives while earlier ones are still queued) is queued as before, so messages are
-    seen in the order they came: whoever reads the queue calls :meth:`taken` after each
-    message it takes, and direct delivery resumes once the queue is empty. A text frame
-    that is not UTF-8 goes to the queue, where ``recv()`` fails the connection (1007) as
-    always. ``on_text`` must not raise.
+    text message that comes in one frame while nothing waits in that queue is passed,
+    as bytes, to ``on_text`` straight from the parse loop instead; ``on_text`` returns
+    True when it took the message, False to leave it to the queue (e.g. a frame that is
+    not UTF-8: ``recv()`` then fails the connection with 1007, as always). Fragmented
+    and binary messages, and every message that arrives while earlier ones are still
+    queued, are queued as before, so messages are seen in the order they came: whoever
+    reads the queue calls :meth:`taken` after each message it takes, and direct
+    delivery resumes once the queue is empty. ``on_text`` must not raise.
 
     Pass it as ``create_connection=DispatchConnection`` to websockets' ``connect``.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        #: Called with each text message delivered directly (None: queue everything).
-        self.on_text: Callable[[str], None] | None = None
+        #: Called with each one-frame text message's bytes; True if it took the message.
+        self.on_text: Callable[[bytes], bool] | None = None
         #: Messages delivered to ``on_text`` so far.
         self.dispatched = 0
         # Complete messages in the queue, not yet taken. (A fragmented message's frames
@@ -193,19 +193,15 @@ class DispatchConnection(ClientConnection):
         self._queued -= 1
 
     def process_event(self, event: Event) -> None:
-        """Deliver a one-frame text message to ``on_text`` if nothing is queued; else queue."""
+        """Offer a one-frame text message to ``on_text`` if nothing is queued; else queue."""
         if self.response is not None and isinstance(event, Frame):
             opcode = event.opcode
             if opcode is Opcode.TEXT or opcode is Opcode.BINARY or opcode is Opcode.CONT:
                 on_text = self.on_text
                 if on_text is not None and opcode is Opcode.TEXT and event.fin and not self._queued:
-                    try:
-                        text = str(event.data, "utf-8")
-                    except UnicodeDecodeError:
-                        pass  # queued: recv() closes the connection with 1007
-                    else:
+                    data = event.data
+                    if on_text(data if data.__class__ is bytes else bytes(data)):
                         self.dispatched += 1
-                        on_text(text)
                         return
                 if event.fin:
                     self._queued += 1
