@@ -121,11 +121,11 @@ _orjson_dumps = orjson.dumps
 _orjson_loads = orjson.loads
 _OrjsonDecodeError = orjson.JSONDecodeError
 # orjson reads the ints of [-2**63, 2**64 - 1] exactly and others as floats, silently.
-# Past that range an int has 20 digits or more, or is negative with 19: _maybe_big()
-# finds those (and some harmless others, e.g. long fractions) for the exact parser.
-_DIGITS = bytes(48 if 48 <= i <= 57 else 45 if i == 45 else 32 for i in range(256))
-_TWENTY_DIGITS = b"0" * 20
-_MINUS_NINETEEN = b"-" + b"0" * 19
+# Past that range an int has 20 digits or more, or is negative with 19: with digits and
+# "-" mapped to "0" (and anything else to " "), both are a run of 20 "0"s, which
+# _maybe_big() looks for (so do some harmless others, e.g. long fractions).
+_DIGITS = bytes(48 if 48 <= i <= 57 or i == 45 else 32 for i in range(256))
+_TWENTY = b"0" * 20
 _ORJSON_UTC_Z = orjson.OPT_UTC_Z
 _join = b"".join
 _CONTAINERS = (dict, list, tuple)
@@ -358,8 +358,7 @@ _EXACT_DECODER = json.JSONDecoder(parse_constant=_refuse_nan)
 
 def _maybe_big(raw: bytes) -> bool:
     """True if ``raw`` may hold an int orjson does not read exactly (past 64 bits)."""
-    shape = raw.translate(_DIGITS)  # digits -> "0", "-" stays, anything else -> " "
-    return _TWENTY_DIGITS in shape or _MINUS_NINETEEN in shape
+    return _TWENTY in raw.translate(_DIGITS)
 
 
 def loads(frame: str | bytes) -> Any:
