@@ -45,6 +45,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from . import protocol
 from .auth import install_redaction
 from .connection import (
+    DispatchConnection,
     check_url,
     connect_error,
     connect_options,
@@ -492,20 +493,32 @@ class LabClient:
             open_timeout=self.open_timeout,
             ping_timeout=self.ping_timeout,
             max_size=self.max_message_size,
+            create_connection=DispatchConnection,
         )
         async with ws_connect(url, **options) as ws:
             self._ws = ws
+            direct = ws if isinstance(ws, DispatchConnection) else None
             try:
                 hello = protocol.decode(await asyncio.wait_for(ws.recv(), self.open_timeout))
+                if direct is not None:
+                    direct.taken()
                 if hello["type"] != "connection.established":
                     raise ConnectionFailed(f"unexpected greeting {hello['type']!r}")
                 self._greeted(hello)
                 await self._after_greeting(ws)
                 heartbeat = self._spawn(self._heartbeat(ws)) if self.heartbeat else None
                 try:
+                    if direct is not None:
+                        # Text messages now reach _dispatched() as they are read; the
+                        # loop below takes the rest, and what came before, in order.
+                        direct.on_text = self._dispatched
                     async for raw in ws:
+                        if direct is not None:
+                            direct.taken()
                         self._handle(raw)
                 finally:
+                    if direct is not None:
+                        direct.on_text = None
                     if heartbeat is not None:
                         heartbeat.cancel()
             finally:
@@ -589,6 +602,23 @@ class LabClient:
             self._add_pending(request_id, _Request("pong", None))
             await ws.send(protocol.encode(protocol.Ping(request_id).to_message()).decode())
 
+    def _dispatched(self, raw: bytes) -> bool:
+        """A text frame straight from the connection's parse loop; False leaves it queued.
+
+        Never raises. A frame that is not a valid message (not UTF-8, not JSON) goes on
+        to the queue, where websockets checks its UTF-8 and :meth:`_handle` logs the rest.
+        """
+        received_at = time.time()
+        try:
+            message = protocol.decode(raw)
+        except ProtocolError:
+            return False
+        try:
+            self._message(message, received_at)
+        except Exception:
+            logger.exception("failed to handle a message from the server")
+        return True
+
     def _handle(self, raw: str | bytes) -> None:
         received_at = time.time()
         try:
@@ -596,6 +626,9 @@ class LabClient:
         except ProtocolError as exc:
             logger.warning("ignoring a bad message from the server: %s", exc)
             return
+        self._message(message, received_at)
+
+    def _message(self, message: dict[str, Any], received_at: float) -> None:
         kind = message["type"]
         if kind not in protocol.CONTROL_TYPES:
             self._event(message, received_at)
@@ -696,12 +729,14 @@ class LabClient:
             return  # servers without `subscribe`, and replays from before it took effect
         self.frame.append(message, received_at)
         self.events_received += 1
-        for callback in list(self._listeners):
-            try:
-                callback(message)
-            except Exception:
-                logger.exception("event callback %r failed", callback)
-        self._notify()
+        if self._listeners:
+            for callback in list(self._listeners):
+                try:
+                    callback(message)
+                except Exception:
+                    logger.exception("event callback %r failed", callback)
+        if self._waiters:
+            self._notify()
 
     def _mark(self, kind: str, data: dict[str, Any]) -> None:
         self.frame.append(

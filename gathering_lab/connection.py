@@ -19,13 +19,15 @@ import json
 import logging
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.frames import Frame, Opcode
+from websockets.protocol import Event
 
 from .auth import install_redaction
 from .exceptions import AuthError, ConnectionFailed, ProtocolError
@@ -35,6 +37,7 @@ __all__ = [
     "OPEN_TIMEOUT",
     "TOKEN_ENV",
     "WS_PATH",
+    "DispatchConnection",
     "check_url",
     "closed_message",
     "connect_error",
@@ -156,6 +159,53 @@ def connect_options(
         headers: Mapping[str, str] = options.get("additional_headers") or {}
         options["additional_headers"] = {**dict(headers), "Authorization": f"Bearer {token}"}
     return options
+
+
+class DispatchConnection(ClientConnection):
+    """A client connection that can hand each text message to a callback as soon as it is read.
+
+    websockets queues every incoming message until ``recv()`` takes it (a queue, a
+    future and an incremental UTF-8 decoder per message). With :attr:`on_text` set, a
+    text message that comes in one frame while nothing waits in that queue is passed,
+    as bytes, to ``on_text`` straight from the parse loop instead; ``on_text`` returns
+    True when it took the message, False to leave it to the queue (e.g. a frame that is
+    not UTF-8: ``recv()`` then fails the connection with 1007, as always). Fragmented
+    and binary messages, and every message that arrives while earlier ones are still
+    queued, are queued as before, so messages are seen in the order they came: whoever
+    reads the queue calls :meth:`taken` after each message it takes, and direct
+    delivery resumes once the queue is empty. ``on_text`` must not raise.
+
+    Pass it as ``create_connection=DispatchConnection`` to websockets' ``connect``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Called with each one-frame text message's bytes; True if it took the message.
+        self.on_text: Callable[[bytes], bool] | None = None
+        #: Messages delivered to ``on_text`` so far.
+        self.dispatched = 0
+        # Complete messages in the queue, not yet taken. (A fragmented message's frames
+        # are queued too; no TEXT frame can come between them: websockets refuses it.)
+        self._queued = 0
+
+    def taken(self) -> None:
+        """Record that one queued message was taken (``recv()``, ``async for``)."""
+        self._queued -= 1
+
+    def process_event(self, event: Event) -> None:
+        """Offer a one-frame text message to ``on_text`` if nothing is queued; else queue."""
+        if self.response is not None and isinstance(event, Frame):
+            opcode = event.opcode
+            if opcode is Opcode.TEXT or opcode is Opcode.BINARY or opcode is Opcode.CONT:
+                on_text = self.on_text
+                if on_text is not None and opcode is Opcode.TEXT and event.fin and not self._queued:
+                    data = event.data
+                    if on_text(data if data.__class__ is bytes else bytes(data)):
+                        self.dispatched += 1
+                        return
+                if event.fin:
+                    self._queued += 1
+        super().process_event(event)
 
 
 @asynccontextmanager

@@ -112,7 +112,9 @@ class Event:
     @property
     def type_name(self) -> str:
         """The event type as a plain string (``"agent.started"``)."""
-        return self.type.value if isinstance(self.type, EventType) else self.type
+        kind = self.type
+        # _value_ is what .value returns, without the enum property's lookup (hot path).
+        return kind._value_ if kind.__class__ is EventType else kind
 
     def matches_filter(self, **attrs: Any) -> bool:
         """Return True if every given attribute equals the event's (``circle_id=1``).
@@ -364,7 +366,7 @@ class EventBus:
             self._errors += 1
             logger.exception("event handler %s failed on %s", sub.name, event.type_name)
             return None
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):
             return result
         self._delivered += 1
         return None
