@@ -18,6 +18,8 @@ Bad arguments to the public API raise the built-in :class:`ValueError` or
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "AuthError",
     "BackendUnavailable",
@@ -44,13 +46,22 @@ class ProtocolError(GatheringLabError):
 
     MAX_LENGTH = 500
 
-    def __init__(self, code: str, message: str, request_id: str | int | None = None) -> None:
+    def __init__(
+        self,
+        code: str,
+        message: str,
+        request_id: str | int | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
         if len(message) > self.MAX_LENGTH:
             message = message[: self.MAX_LENGTH - 3] + "..."
         super().__init__(message)
         self.code = code
         self.message = message
         self.request_id = request_id
+        #: Machine-readable fields sent in the error's ``data`` beside ``code`` and ``message``
+        #: (e.g. ``retry_after`` for ``rate_limited``); set by the server, never from input.
+        self.details = details
 
     def __repr__(self) -> str:
         return f"ProtocolError({self.code!r}, {self.message!r})"

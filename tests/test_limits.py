@@ -244,6 +244,12 @@ async def test_publish_flood_gets_rate_limited_answers_for_the_excess(bus: Event
         assert len(published) + len(limited) == sent
         assert {r["data"]["code"] for r in limited} == {"rate_limited"}
         assert "not published" in limited[0]["data"]["message"]
+        # Machine-readable: when to try again (one token at 20/s is at most 50 ms away), and
+        # the limits, so a client paces itself without parsing the message.
+        for refusal in limited:
+            data = refusal["data"]
+            assert 0 < data["retry_after"] <= 1 / 20 + 1e-6, data
+            assert (data["publish_rate"], data["publish_burst"]) == (20, 10), data
         assert 10 <= len(published) <= 10 + 20 * elapsed + 1
         assert bus.last_seq == len(published)  # nothing refused reached the bus
         stats = server.get_stats()

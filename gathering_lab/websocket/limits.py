@@ -299,6 +299,11 @@ class TokenBucket:
             return True
         return False
 
+    def wait(self, now: float) -> float:
+        """Seconds until one token is there (0 if one is there now); nothing is spent."""
+        self._refill(now)
+        return 0.0 if self.tokens >= 1 else (1 - self.tokens) / self.rate
+
     def reserve(self, now: float) -> float:
         """Spend one token, in advance if need be: return the seconds to wait before using it."""
         self._refill(now)
@@ -346,6 +351,10 @@ class ClientLimits:
             return True
         self.publishes_rate_limited += 1
         return False
+
+    def publish_wait(self, now: float) -> float:
+        """Seconds until the next publish would be allowed (0 without a publish rate)."""
+        return 0.0 if self.publishes is None else self.publishes.wait(now)
 
     def message_delay(self, now: float) -> float:
         """Seconds to wait before handling the message just received (0 under the rate)."""

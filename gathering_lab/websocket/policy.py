@@ -313,7 +313,10 @@ class ClientPolicy:
         """The ``error`` reply to a refused request (counted by code)."""
         errors = self.counters.protocol_errors
         errors[exc.code] = errors.get(exc.code, 0) + 1
-        return protocol.error(exc.code, exc.message, request_id)
+        reply = protocol.error(exc.code, exc.message, request_id)
+        if exc.details:
+            reply["data"].update(exc.details)
+        return reply
 
     def _dispatch(self, message: protocol.ClientMessage, now: float) -> Action:
         if isinstance(message, protocol.Ping):
@@ -387,6 +390,11 @@ class ClientPolicy:
             "rate_limited",
             f"publish rate over {rates.publish_rate:g} events/s (burst {rates.publish_burst}): "
             "this event was not published; slow down and send it again",
+            details={
+                "retry_after": round(limits.publish_wait(now), 6),
+                "publish_rate": rates.publish_rate,
+                "publish_burst": rates.publish_burst,
+            },
         )
 
     def _reauthenticate(self, message: protocol.Auth) -> Action:
