@@ -29,6 +29,7 @@ publisher back: so a publisher's answer always follows its own event.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import itertools
@@ -151,6 +152,9 @@ class LogBus(EventBus):
         self._queue: list[_Pending] = []
         self._queued = asyncio.Event()
         self._own: dict[bytes, _Pending] = {}
+        # Sent batches whose events the tail must deliver by then (one timer for all).
+        self._deadlines: collections.deque[tuple[float, list[_Pending]]] = collections.deque()
+        self._sweeper: asyncio.TimerHandle | None = None
         self._token_prefix = secrets.token_hex(6).encode() + b":"
         self._tokens = itertools.count(1)
         self._received = 0
@@ -239,6 +243,10 @@ class LogBus(EventBus):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        self._deadlines.clear()
         queue, self._queue = self._queue, []
         closed = BackendUnavailable("the bus was closed before this event was sent to its log")
         for pending in queue:
@@ -518,11 +526,26 @@ class LogBus(EventBus):
             else:
                 late.append(pending)
         if late:
-            asyncio.get_running_loop().call_later(self.delivery_timeout, self._overdue, late)
+            loop = asyncio.get_running_loop()
+            self._deadlines.append((loop.time() + self.delivery_timeout, late))
+            if self._sweeper is None:
+                self._sweeper = loop.call_later(self.delivery_timeout, self._sweep)
+
+    def _sweep(self) -> None:
+        """Answer what the tail has not delivered in time, batch by batch (one timer)."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        deadlines = self._deadlines
+        now = loop.time()
+        while deadlines and deadlines[0][0] <= now:
+            self._overdue(deadlines.popleft()[1])
+        if deadlines and not self._closed:
+            self._sweeper = loop.call_at(deadlines[0][0], self._sweep)
 
     def _overdue(self, batch: list[_Pending]) -> None:
         """Answer the events of a batch the tail has not delivered in time (they are in the log)."""
-        overdue = [p for p in batch if self._own.get(p.token) is p]
+        own = self._own
+        overdue = [p for p in batch if own.get(p.token) is p]
         if not overdue:
             return
         self._delivery_timeouts += len(overdue)

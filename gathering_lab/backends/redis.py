@@ -58,7 +58,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..exceptions import BackendUnavailable
@@ -220,9 +220,10 @@ def _entry(raw: Any) -> LogEntry:
     return LogEntry(seq, fields[b"e"].decode(), bytes(fields[b"d"]), bytes(fields.get(b"i", b"")))
 
 
-def _raw_reply(response: Any, **options: Any) -> Any:
-    """The reply as the parser gave it (a tail's XREAD: no dict per entry)."""
-    return response
+async def _call(conn: Any, *args: Any) -> Any:
+    """Send one command on a held connection and read its reply as the parser gives it."""
+    await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+    return await conn.read_response()
 
 
 class RedisLog(EventLog):
@@ -550,6 +551,9 @@ class RedisLog(EventLog):
             args=[secrets.token_hex(6), after_seq, count, epoch or ""],
             client=client,
         )
+        return self._read_result(raw, after_seq, epoch)
+
+    def _read_result(self, raw: Any, after_seq: int, epoch: str | None) -> ReadResult:
         log_epoch = raw[0].decode()
         last_seq, oldest, length = int(raw[1]), int(raw[2]), int(raw[3])
         self._saw_epoch(log_epoch)
@@ -603,7 +607,10 @@ class RedisLog(EventLog):
         check_read_args(after_seq, 1)
         self._require_client()
         client = self._new_client(f"gathering-lab-tail:{self.name}", 1)
-        client.set_response_callback("XREAD", _raw_reply)
+        # The tail holds its one connection and talks to it directly: no pool, retry or
+        # reply-callback layers per read (a read per delivered batch is the hot path).
+        conn = await client.connection_pool.get_connection()
+        read_script = self._read_script
         block_ms = int(self.block * 1000)
         stats = self._stats
         task = asyncio.current_task()
@@ -619,8 +626,17 @@ class RedisLog(EventLog):
             while self._client is not None and self._health != "closed":
                 try:
                     if use_script:
+                        args = [secrets.token_hex(6), last, TAIL_CHUNK, epoch or ""]
                         async with asyncio.timeout(self.timeout + self.connect_timeout):
-                            chunk = await self._read_raw(client, last, TAIL_CHUNK, epoch)
+                            try:
+                                raw = await _call(
+                                    conn, "EVALSHA", read_script.sha, 2, *self.keys, *args
+                                )
+                            except NoScriptError:  # a restarted Redis without its scripts
+                                raw = await _call(
+                                    conn, "EVAL", read_script.script, 2, *self.keys, *args
+                                )
+                        chunk = self._read_result(raw, last, epoch)
                         if epoch is not None and chunk.epoch != epoch:
                             logger.warning(
                                 "event log tail on %s: epoch %s -> %s after seq %d; "
@@ -638,8 +654,8 @@ class RedisLog(EventLog):
                         async with asyncio.timeout(
                             self.block + self.timeout + self.connect_timeout
                         ):
-                            reply: Any = await client.execute_command(
-                                "XREAD", "COUNT", TAIL_CHUNK, "BLOCK", block_ms,
+                            reply: Any = await _call(
+                                conn, "XREAD", "COUNT", TAIL_CHUNK, "BLOCK", block_ms,
                                 "STREAMS", stream, b"%d-0" % last,
                             )  # fmt: skip
                         batch = [_entry(item) for item in reply[0][1]] if reply else []
@@ -692,4 +708,6 @@ class RedisLog(EventLog):
                     yield entry
         finally:
             self._stats["tails"] -= 1
+            await conn.disconnect()
+            await client.connection_pool.release(conn)
             await client.aclose()
