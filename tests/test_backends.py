@@ -310,7 +310,8 @@ async def test_redis_connections_use_tcp_keepalive(redis_nodes: Nodes) -> None:
     (log,) = await redis_nodes()
     await log.append(b"x")
     pool = log._client.connection_pool  # type: ignore[attr-defined]
-    sockets = [c._writer.get_extra_info("socket") for c in pool._available_connections]
+    held = [*pool._available_connections, *pool._in_use_connections]  # appends hold one
+    sockets = [c._writer.get_extra_info("socket") for c in held]
     assert sockets
     for sock in sockets:
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1

@@ -220,9 +220,19 @@ def _entry(raw: Any) -> LogEntry:
     return LogEntry(seq, fields[b"e"].decode(), bytes(fields[b"d"]), bytes(fields.get(b"i", b"")))
 
 
+def _pack(*args: Any) -> bytes:
+    """One command in RESP (the arguments as bulk strings)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if not isinstance(arg, bytes):
+            arg = str(arg).encode()
+        parts += (b"$%d\r\n" % len(arg), arg, b"\r\n")
+    return b"".join(parts)
+
+
 async def _call(conn: Any, *args: Any) -> Any:
     """Send one command on a held connection and read its reply as the parser gives it."""
-    await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+    await conn.send_packed_command(_pack(*args), check_health=False)
     return await conn.read_response()
 
 
@@ -237,6 +247,9 @@ class RedisLog(EventLog):
     """
 
     scheme = "redis"
+    # One pool connection held for appends, used when no other append is under way.
+    _held: Any = None
+    _held_busy = False
 
     def __init__(
         self,
@@ -308,8 +321,9 @@ class RedisLog(EventLog):
     # -- connections -------------------------------------------------------------------
 
     def _new_client(self, client_name: str, max_connections: int) -> aioredis.Redis:
-        # No socket_timeout: redis-py then sends through asyncio.wait_for, which on
-        # Python 3.11 can swallow a task's cancellation (a tail that never ends). Every
+        # No socket_timeout (redis-py 8 defaults to 5 s; say None): with one, redis-py
+        # sends through asyncio.wait_for, which on Python 3.11 can swallow a task's
+        # cancellation (a tail that never ends), and costs a task per command. Every
         # call is bounded with asyncio.timeout here instead. A blocking pool makes a burst
         # of appends wait for a connection rather than fail with "Too many connections".
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -317,6 +331,7 @@ class RedisLog(EventLog):
             max_connections=max_connections,
             timeout=None,
             client_name=client_name,
+            socket_timeout=None,
             socket_connect_timeout=self.connect_timeout,
             socket_keepalive=True,
             socket_keepalive_options=_keepalive_options(),
@@ -394,7 +409,11 @@ class RedisLog(EventLog):
                     await task
         self._reconnector = self._prober = None
         client, self._client = self._client, None
+        held, self._held = self._held, None
         if client is not None:
+            if held is not None:
+                await held.disconnect()
+                await client.connection_pool.release(held)
             await client.aclose()
 
     def _require_client(self) -> aioredis.Redis:
@@ -510,9 +529,7 @@ class RedisLog(EventLog):
         try:
             try:
                 async with asyncio.timeout(self.timeout + self.connect_timeout):
-                    seq, epoch, _ = await self._append_script(
-                        keys=self.keys, args=args, client=client
-                    )
+                    seq, epoch, _ = await self._run_append(client, args)
             except RedisConnectionError:
                 # The connection broke (e.g. closed by the server while idle in the pool):
                 # try once more on a new one; the script finds the first try by its token
@@ -520,9 +537,7 @@ class RedisLog(EventLog):
                 self._stats["append_retries"] += 1
                 args[2:4] = [known_seq, known_epoch]
                 async with asyncio.timeout(self.timeout + self.connect_timeout):
-                    seq, epoch, _ = await self._append_script(
-                        keys=self.keys, args=args, client=client
-                    )
+                    seq, epoch, _ = await self._run_append(client, args)
         except _DOWN_ERRORS as exc:
             self._down(exc)
             self._stats["append_refused"] += len(checked)
@@ -542,6 +557,24 @@ class RedisLog(EventLog):
         if len(checked) > stats["append_batch_max"]:
             stats["append_batch_max"] = len(checked)
         return [(first + i, epoch) for i in range(len(checked))]
+
+    async def _run_append(self, client: aioredis.Redis, args: list[Any]) -> Any:
+        """One call of the append script: on the log's held connection if it is free
+        (the bus's appender makes one call at a time), else on one from the pool."""
+        if self._held_busy:
+            return await self._append_script(keys=self.keys, args=args, client=client)
+        self._held_busy = True
+        try:
+            conn = self._held
+            if conn is None:
+                conn = self._held = await client.connection_pool.get_connection()
+            script = self._append_script
+            try:
+                return await _call(conn, "EVALSHA", script.sha, 2, *self.keys, *args)
+            except NoScriptError:  # a restarted Redis without its scripts
+                return await _call(conn, "EVAL", script.script, 2, *self.keys, *args)
+        finally:
+            self._held_busy = False
 
     async def _read_raw(
         self, client: aioredis.Redis, after_seq: int, count: int, epoch: str | None
