@@ -73,7 +73,8 @@ async def test_publishes_in_flight_from_one_connection_keep_order_acks_and_exact
     async with node(redis_server.url) as a, node(redis_server.url) as b:
         pub, sub_a, sub_b = await greeted(a.url), await greeted(a.url), await greeted(b.url)
         async with pub, sub_a, sub_b:
-            calls_before = a.bus.get_stats()["append_calls"]
+            before = a.bus.get_stats()
+            calls_before = before["append_calls"]
             for i in range(count):  # no wait for answers: they are in flight together
                 await pub.send(publish_frame(i))
             got = await collect(pub, count)
@@ -102,6 +103,10 @@ async def test_publishes_in_flight_from_one_connection_keep_order_acks_and_exact
             assert stats["append_batch_max"] >= 2
             assert stats["append_calls"] - calls_before < count
             assert stats["log"]["append_calls"] == stats["append_calls"]
+            # a delivered its own events without decoding them (from the append's reply or
+            # through its tail, by token); b decoded every one.
+            assert stats["own_events_delivered"] - before["own_events_delivered"] == count
+            assert b.bus.get_stats()["own_events_delivered"] == 0
             assert a.get_stats()["publishes_held"] == 0  # 200 < the window of 256
 
 

@@ -162,6 +162,7 @@ class LogBus(EventBus):
         self._append_calls = 0
         self._append_batch_max = 0
         self._delivered_own = 0
+        self._own_direct = 0
         self._unavailable = 0
         self._invalid = 0
         self._epoch_changes = 0
@@ -289,13 +290,17 @@ class LogBus(EventBus):
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 2.0)
 
-    def _deliver(self, entry: LogEntry) -> None:
-        """Keep one log entry in history, run the handlers it matches, answer its publisher."""
+    def _deliver(self, entry: LogEntry, own: _Pending | None = None) -> None:
+        """Keep one log entry in history, run the handlers it matches, answer its publisher.
+
+        ``own`` is this node's submission the entry holds, if the caller already knows it.
+        """
         if entry.epoch != self.epoch:
             self._new_epoch(entry)
         elif entry.seq <= self._seq:
-            return  # already delivered (a tail that read again from before)
-        own = self._own.pop(entry.token, None) if self._own and entry.token else None
+            return  # already delivered (a tail that read again from before, or the appender)
+        if own is None and self._own and entry.token:
+            own = self._own.pop(entry.token, None)
         if own is not None:
             # This node's own event: no need to decode what it encoded.
             event: Event | None = own.event
@@ -512,6 +517,20 @@ class LogBus(EventBus):
                 raise
             return
         self._appended += len(batch)
+        if (
+            numbered
+            and numbered[0][1] == self.epoch
+            and numbered[0][0] == self._seq + 1
+            and not self._closed
+        ):
+            # Nothing between what this node delivered and this batch (the script gave it
+            # consecutive seqs): deliver it now, not a read later. The tail will read these
+            # entries too and skip them, as delivered.
+            for pending, (seq, epoch) in zip(batch, numbered, strict=True):
+                if own.pop(pending.token, None) is pending:
+                    self._deliver(LogEntry(seq, epoch, pending.payload, pending.token), pending)
+            self._own_direct += len(batch)
+            return
         late: list[_Pending] = []
         for pending, (seq, epoch) in zip(batch, numbered, strict=True):
             if own.get(pending.token) is not pending:
@@ -626,6 +645,7 @@ class LogBus(EventBus):
                 "appends_queued": len(self._queue),
                 "appends_in_flight": len(self._own),
                 "own_events_delivered": self._delivered_own,
+                "own_events_delivered_on_append": self._own_direct,
             }
         )
         log_stats = getattr(self.log, "stats", None)
