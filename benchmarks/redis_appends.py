@@ -26,14 +26,17 @@ import asyncio
 import json
 import os
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from fanout import HERE, RedisProcess, box_busy_seconds, cpu_seconds, redis_version
+import psutil
+from fanout import HERE, box_busy_seconds, cpu_seconds, redis_version
 
 from gathering_lab.backends import open_log
+from gathering_lab.testing import RedisServer
 
 
 async def run_mode(
@@ -94,13 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     modes = [(1, 1), (args.concurrency, 1)]
     modes += [(1, int(b)) for b in str(args.batch).split(",") if b.strip()]
     for concurrency, batch in modes:
-        redis = RedisProcess(args.out_dir / f"redis-appends-{stamp}.log", fsync=args.fsync)
-        try:
-            redis.wait_ready()
-            result = run_mode(redis.url, redis.ps, args.events, concurrency, payload, batch)
-            rows.append(asyncio.run(result))
-        finally:
-            redis.stop()
+        with tempfile.TemporaryDirectory(prefix="redis-appends-") as tmp:
+            redis = RedisServer(Path(tmp), appendfsync=args.fsync)
+            redis.start()
+            try:
+                assert redis.process is not None
+                ps = psutil.Process(redis.process.pid)
+                result = run_mode(redis.url, ps, args.events, concurrency, payload, batch)
+                rows.append(asyncio.run(result))
+            finally:
+                redis.stop()
     load = os.getloadavg()
     lines = [
         f"`python benchmarks/redis_appends.py {' '.join(sys.argv[1:] if argv is None else argv)}`"
