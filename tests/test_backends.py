@@ -116,7 +116,7 @@ async def test_append_numbers_contiguously_and_reads_back(nodes: Nodes) -> None:
     epoch = numbered[0][1]
     assert numbered == [(i, epoch) for i in range(1, 7)]
     result = await log.read(0, 100)
-    assert result.entries == [LogEntry(i + 1, epoch, p) for i, p in enumerate(payloads)]
+    assert [e[:3] for e in result.entries] == [(i + 1, epoch, p) for i, p in enumerate(payloads)]
     assert (result.epoch, result.last_seq, result.oldest_seq, result.gap) == (epoch, 6, 1, False)
     info = await log.info()
     assert (info.last_seq, info.oldest_seq, info.epoch, info.length) == (6, 1, epoch, 6)
@@ -310,7 +310,8 @@ async def test_redis_connections_use_tcp_keepalive(redis_nodes: Nodes) -> None:
     (log,) = await redis_nodes()
     await log.append(b"x")
     pool = log._client.connection_pool  # type: ignore[attr-defined]
-    sockets = [c._writer.get_extra_info("socket") for c in pool._available_connections]
+    held = [*pool._available_connections, *pool._in_use_connections]  # appends hold one
+    sockets = [c._writer.get_extra_info("socket") for c in held]
     assert sockets
     for sock in sockets:
         assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
@@ -341,7 +342,7 @@ async def test_flushall_changes_the_epoch_and_is_detected(
         assert "lost its data" in caplog.text
         # the tail was past seq 5 of the old epoch: it must still see seq 1 of the new one
         await wait_for(lambda: len(seen) == 6, 5)
-    assert seen[-1] == LogEntry(1, new_epoch, b"after")
+    assert seen[-1][:3] == (1, new_epoch, b"after")
     resume = await reader.read(5, 10, epoch=old_epoch)
     assert resume.gap and [e.payload for e in resume.entries] == [b"after"]
 
@@ -431,13 +432,23 @@ async def test_an_append_retried_after_a_lost_reply_is_in_the_log_once(
     (log,) = await redis_nodes()
     await log.append(b"before")
     script, keys = log._append_script, log.keys  # type: ignore[attr-defined]
-    first = await script(keys=keys, args=["e", b"once", 10_000, "tok-1", "", ""])
+    # ARGV: new epoch, maxlen, retry's known seq and epoch ('' on a first try), then
+    # (payload, token) per entry.
+    first = await script(keys=keys, args=["e", 10_000, "", "", b"once", "tok-1"])
     epoch = first[1].decode()
-    again = await script(keys=keys, args=["e", b"once", 10_000, "tok-1", 1, epoch])
+    again = await script(keys=keys, args=["e", 10_000, 1, epoch, b"once", "tok-1"])
     assert (int(again[0]), again[1], int(again[2])) == (2, first[1], 1), "found, not re-added"
-    fresh = await script(keys=keys, args=["e", b"new", 10_000, "tok-2", 1, epoch])
+    fresh = await script(keys=keys, args=["e", 10_000, 1, epoch, b"new", "tok-2"])
     assert (int(fresh[0]), int(fresh[2])) == (3, 0), "a first try that never landed is added"
-    assert [e.payload for e in (await log.read(0, 10)).entries] == [b"before", b"once", b"new"]
+    # A batch that landed is found by its first token, as a whole.
+    batch = ["e", 10_000, "", "", b"b1", "tok-3", b"b2", "tok-4", b"b3", "tok-5"]
+    landed = await script(keys=keys, args=batch)
+    batch[2:4] = [3, epoch]
+    retried = await script(keys=keys, args=batch)
+    assert (int(landed[0]), int(retried[0]), int(retried[2])) == (4, 4, 1)
+    entries = (await log.read(0, 10)).entries
+    assert [e.payload for e in entries] == [b"before", b"once", b"new", b"b1", b"b2", b"b3"]
+    assert [e.token for e in entries[3:]] == [b"tok-3", b"tok-4", b"tok-5"]
 
 
 async def test_redis_killed_and_restarted_with_its_aof_keeps_the_epoch(
@@ -528,7 +539,7 @@ async def test_a_tail_that_fails_is_logged_counted_and_retried(
         assert redis_server.command("DEL", stream) == b":1"
         seq, epoch = await writer.append(b"after")
         await wait_for(lambda: len(seen) == 2, 5)
-    assert seen[-1] == LogEntry(seq, epoch, b"after")
+    assert seen[-1][:3] == (seq, epoch, b"after")
     assert epoch != seen[0].epoch, "the lost stream started a new epoch"
 
 

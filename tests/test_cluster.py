@@ -146,7 +146,10 @@ async def test_a_client_resumes_on_another_node_with_exactly_what_it_missed(
             seen = await events(ws, 5)
         last_seq, epoch = seen[-1]["seq"], seen[-1]["epoch"]
         missed = [await a.bus.publish(Event(type="load.test", data={"i": i})) for i in range(7)]
-        # No wait for b's tail: the node catches up before it replays.
+        # a's publish returns once a delivered it; b's tail reads it in parallel. What b has
+        # not delivered when the replay ends would come live after the ack (still exactly
+        # once): wait for b so the replay holds all 7 (a lagging tail: the test after this).
+        await wait_for(lambda: b.bus.last_seq >= missed[-1].seq)
         ws, _ = await greeted(f"{b.url}?client_id=mover&last_seq={last_seq}&epoch={epoch}")
         async with ws:
             got = await recv_until(ws, lambda m: m["type"] == "resumed")

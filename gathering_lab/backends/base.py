@@ -13,7 +13,7 @@ vanished while its metadata stayed), and ``seq`` starts again at 1 in the new ep
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -26,11 +26,16 @@ Health = Literal["ok", "degraded", "closed"]
 
 
 class LogEntry(NamedTuple):
-    """One entry of the log: its ``seq``, the ``epoch`` it was numbered in, its payload."""
+    """One entry of the log: its ``seq``, the ``epoch`` it was numbered in, its payload.
+
+    ``token`` is what the appender passed with it to :meth:`EventLog.append_many` (``b""``
+    if nothing): how a node recognises its own entries when its tail delivers them.
+    """
 
     seq: int
     epoch: str
     payload: bytes
+    token: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +95,19 @@ class EventLog(abc.ABC):
 
         Raises BackendUnavailable when the log cannot be reached: the entry is then
         not acknowledged (if the connection broke mid-command it may still be in the log).
+        """
+
+    @abc.abstractmethod
+    async def append_many(
+        self, payloads: Sequence[bytes], tokens: Sequence[bytes] | None = None
+    ) -> list[tuple[int, str]]:
+        """Append encoded envelopes in order, atomically; return each one's ``(seq, epoch)``.
+
+        The entries get consecutive ``seq`` in one epoch, with nothing of another appender
+        between them. ``tokens`` (one per payload, at most 64 bytes each) come back in
+        :attr:`LogEntry.token`. Raises BackendUnavailable as :meth:`append` does: then none
+        of them is acknowledged (if the connection broke mid-command, all of them may be
+        in the log).
         """
 
     @abc.abstractmethod
@@ -153,3 +171,23 @@ def is_gap(after_seq: int, epoch: str | None, log_epoch: str, last_seq: int, old
     if after_seq > last_seq:
         return True
     return after_seq < last_seq and after_seq + 1 < oldest
+
+
+#: The longest token :meth:`EventLog.append_many` takes with an entry.
+MAX_TOKEN_BYTES = 64
+
+
+def check_batch(
+    payloads: Sequence[bytes], tokens: Sequence[bytes] | None
+) -> tuple[list[bytes], list[bytes] | None]:
+    """Return ``payloads`` and ``tokens`` as lists of bytes; ValueError/TypeError if unfit."""
+    checked = [check_payload(p) for p in payloads]
+    if tokens is None:
+        return checked, None
+    tokens = list(tokens)
+    if len(tokens) != len(checked):
+        raise ValueError(f"{len(tokens)} tokens for {len(checked)} payloads: give one each")
+    for token in tokens:
+        if not isinstance(token, bytes) or not 0 < len(token) <= MAX_TOKEN_BYTES:
+            raise ValueError(f"a token must be 1 to {MAX_TOKEN_BYTES} bytes, not {token!r}")
+    return checked, tokens

@@ -15,15 +15,29 @@ handlers of every node see every event of the cluster, in the log's order, with 
 same ``seq``, ``epoch`` and ``event_id``; :meth:`~EventBus.since`,
 :meth:`~EventBus.get_history` and the stats work from the local ring as on the
 in-process bus (:class:`~gathering_lab.events.EventBus`, whose hot path is untouched).
+
+Publishing is batched both ways. :meth:`LogBus.submit` queues an event; one task per node
+appends everything queued meanwhile in one call (:meth:`EventLog.append_many`: one script
+call on Redis, consecutive ``seq``, in the order submitted), so many publishes, from one
+connection or many, are in flight at once. The tail delivers every entry of one read in
+one loop turn, so the connection manager writes them to each client as one buffer, as it
+does on the in-process bus. A node recognises its own entries by the token it appended them
+with and delivers the :class:`Event` it already has (no decoding), then calls the
+publisher back: so a publisher's answer always follows its own event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import functools
+import itertools
 import json
 import logging
 import random
+import secrets
+from collections.abc import Callable
 from typing import Any
 
 from .. import protocol
@@ -42,6 +56,32 @@ BUS_ENV = "GATHERING_LAB_BUS"
 PRELOAD_CHUNK = 512
 #: Seconds a publish waits for its own entry to come back through this node's tail.
 DEFAULT_DELIVERY_TIMEOUT = 5.0
+#: At most this many events (and about this many bytes) go to the log in one append call.
+MAX_APPEND_BATCH = 512
+MAX_APPEND_BATCH_BYTES = 4 * 2**20
+
+#: Called once per submitted event: ``(event, None)`` once this node delivered it (or it
+#: is in the log and was not delivered within the delivery timeout), ``(event, exc)`` if
+#: it is not in the log (BackendUnavailable).
+Done = Callable[[Event, BaseException | None], None]
+
+
+@functools.lru_cache(maxsize=16)
+def _json_string(text: str) -> bytes:
+    return json.dumps(text).encode()
+
+
+class _Pending:
+    """One submitted event on its way to the log and back through this node's tail."""
+
+    __slots__ = ("event", "payload", "token", "done", "seq")
+
+    def __init__(self, event: Event, payload: bytes, token: bytes, done: Done) -> None:
+        self.event = event
+        self.payload = payload
+        self.token = token
+        self.done = done
+        self.seq = 0  # the log's, once appended
 
 
 def is_memory_url(url: str | None) -> bool:
@@ -92,6 +132,7 @@ class LogBus(EventBus):
     ``delivery_timeouts``), so a publisher reads its own writes in history and clients
     get its acknowledgement after the event. It raises
     :class:`~gathering_lab.exceptions.BackendUnavailable` while the log cannot be reached.
+    Concurrent publishes (and :meth:`submit`) go to the log together, in the order made.
     """
 
     def __init__(
@@ -122,10 +163,24 @@ class LogBus(EventBus):
         self.delivery_timeout = float(delivery_timeout)
         self.epoch = ""  # the log's, once started
         self._follower: asyncio.Task[None] | None = None
+        self._appender: asyncio.Task[None] | None = None
         self._closed = False
         self._waiters: dict[int, list[asyncio.Future[None]]] = {}
+        # Submitted, not yet sent to the log (in order); sent, not yet delivered (by token).
+        self._queue: list[_Pending] = []
+        self._queued = asyncio.Event()
+        self._own: dict[bytes, _Pending] = {}
+        # Sent batches whose events the tail must deliver by then (one timer for all).
+        self._deadlines: collections.deque[tuple[float, list[_Pending]]] = collections.deque()
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._token_prefix = secrets.token_hex(6).encode() + b":"
+        self._tokens = itertools.count(1)
         self._received = 0
         self._appended = 0
+        self._append_calls = 0
+        self._append_batch_max = 0
+        self._delivered_own = 0
+        self._own_direct = 0
         self._unavailable = 0
         self._invalid = 0
         self._epoch_changes = 0
@@ -159,6 +214,7 @@ class LogBus(EventBus):
             await self.log.close()
             raise
         self._follower = loop.create_task(self._follow(after), name="gathering-lab log tail")
+        self._appender = loop.create_task(self._append_loop(), name="gathering-lab log appender")
         logger.info(
             "bus on %s: epoch %s, last seq %d, %d events preloaded",
             getattr(self.log, "where", self.log.scheme + "://"),
@@ -194,13 +250,27 @@ class LogBus(EventBus):
         return after
 
     async def close(self) -> None:
-        """Stop following the log and close it (idempotent)."""
+        """Stop following the log and close it (idempotent).
+
+        Events submitted but not yet sent to the log are answered BackendUnavailable.
+        """
         self._closed = True
-        follower, self._follower = self._follower, None
-        if follower is not None:
-            follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await follower
+        for name in ("_appender", "_follower"):
+            task = getattr(self, name)
+            setattr(self, name, None)
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        self._deadlines.clear()
+        queue, self._queue = self._queue, []
+        closed = BackendUnavailable("the bus was closed before this event was sent to its log")
+        for pending in queue:
+            self._finish(pending, closed)
+        self._settle_own(lambda pending: True)
         self._wake_all()
         await self.log.close()
 
@@ -213,6 +283,9 @@ class LogBus(EventBus):
             try:
                 entries = self.log.tail(self._seq, self.epoch)
                 try:
+                    # An async generator yields without a trip through the event loop:
+                    # every entry of one read is delivered in the same loop turn, so the
+                    # connection manager sends them to each client in one write.
                     async for entry in entries:
                         self._deliver(entry)
                         delay = 0.05
@@ -235,13 +308,27 @@ class LogBus(EventBus):
                 await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, 2.0)
 
-    def _deliver(self, entry: LogEntry) -> None:
-        """Keep one log entry in history and run the handlers it matches."""
+    def _deliver(self, entry: LogEntry, own: _Pending | None = None) -> None:
+        """Keep one log entry in history, run the handlers it matches, answer its publisher.
+
+        ``own`` is this node's submission the entry holds, if the caller already knows it.
+        """
         if entry.epoch != self.epoch:
             self._new_epoch(entry)
         elif entry.seq <= self._seq:
-            return  # already delivered (a tail that read again from before)
-        event = self._decode(entry)
+            return  # already delivered (a tail that read again from before, or the appender)
+        if own is None and self._own and entry.token:
+            own = self._own.pop(entry.token, None)
+        if own is not None:
+            # This node's own event: no need to decode what it encoded.
+            event: Event | None = own.event
+            assert event is not None
+            event.seq, event.epoch = entry.seq, entry.epoch
+            event._wire = self._splice(entry)
+            event._frame = None
+            self._delivered_own += 1
+        else:
+            event = self._decode(entry)
         if event is None:
             with self._lock:
                 self._seq = entry.seq
@@ -249,7 +336,10 @@ class LogBus(EventBus):
             self._keep(event)
             self._received += 1
             self._dispatch(event)
-        self._wake(entry.seq)
+        if own is not None:
+            self._finish(own, None)
+        if self._waiters:
+            self._wake(entry.seq)
 
     def _new_epoch(self, entry: LogEntry) -> None:
         self._epoch_changes += 1
@@ -259,26 +349,33 @@ class LogBus(EventBus):
             self.epoch,
             entry.epoch,
         )
+        old = self.epoch
         with self._lock:
             self._history.clear()
             self._history_bytes = 0
             self.epoch = entry.epoch
             self._seq = entry.seq - 1
+        # Events appended in the old epoch will not come through the tail: they were in
+        # the log (acknowledged as on a timeout); those of the new epoch still will.
+        self._settle_own(lambda pending: pending.seq > 0 and pending.event.epoch == old)
         self._wake_all()
+
+    @staticmethod
+    def _splice(entry: LogEntry) -> bytes:
+        # The payload is the envelope without seq and epoch, which to_dict() puts last.
+        tail = b',"seq":%d,"epoch":%s}' % (entry.seq, _json_string(entry.epoch))
+        return entry.payload.rstrip()[:-1] + tail
 
     def _decode(self, entry: LogEntry) -> Event | None:
         """The event an entry holds (its wire form spliced with seq and epoch), or None."""
-        payload = entry.payload
         try:
-            event = Event.from_dict(json.loads(payload))
+            event = Event.from_dict(json.loads(entry.payload))
         except (ValueError, TypeError) as exc:
             self._invalid += 1
             logger.error("skipped log entry %d: not an event envelope (%s)", entry.seq, exc)
             return None
         event.seq, event.epoch = entry.seq, entry.epoch
-        # The payload is the envelope without seq and epoch, which to_dict() puts last.
-        tail = b',"seq":%d,"epoch":%s}' % (entry.seq, json.dumps(entry.epoch).encode())
-        event._wire = payload.rstrip()[:-1] + tail
+        event._wire = self._splice(entry)
         return event
 
     def _keep(self, event: Event) -> None:
@@ -334,16 +431,17 @@ class LogBus(EventBus):
 
     # Publishing
 
-    async def publish(self, event: Event) -> Event:
-        """Append ``event`` to the log (which numbers it) and wait until this node delivered it.
+    def submit(self, event: Event, done: Done) -> None:
+        """Queue ``event`` for the log, after everything submitted on this node before it.
 
-        Raises ValueError (counted in ``events_rejected``) if it cannot be strict JSON,
-        BackendUnavailable (counted in ``publishes_unavailable``) if the log cannot be reached.
+        ``done(event, None)`` is called once this node's tail delivered it (right after
+        its handlers ran, in the same loop turn), or once it is in the log and the tail
+        has not delivered it within ``delivery_timeout`` (counted in
+        ``delivery_timeouts``); ``done(event, exc)`` with a BackendUnavailable if it is not
+        in the log. Never called from within ``submit``. Call on the bus's loop.
+
+        Raises ValueError (counted in ``events_rejected``) if it cannot be strict JSON.
         """
-        home = self._foreign_home()
-        if home is not None:
-            future = asyncio.run_coroutine_threadsafe(self.publish(event), home)
-            return await asyncio.wrap_future(future)
         if not isinstance(event, Event):
             raise TypeError(f"expected an Event, not {type(event).__name__}")
         if event.seq is not None:
@@ -361,25 +459,158 @@ class LogBus(EventBus):
                 self._rejected += 1
             logger.warning("refused to publish %s: %s", event.id, exc)
             raise ValueError(f"event {event.type_name} cannot be sent: {exc}") from None
+        token = b"%s%x" % (self._token_prefix, next(self._tokens))
+        self._queue.append(_Pending(event, payload, token, done))
+        self._queued.set()
+
+    async def publish(self, event: Event) -> Event:
+        """Append ``event`` to the log (which numbers it) and wait until this node delivered it.
+
+        Raises ValueError (counted in ``events_rejected``) if it cannot be strict JSON,
+        BackendUnavailable (counted in ``publishes_unavailable``) if the log cannot be reached.
+        """
+        home = self._foreign_home()
+        if home is not None:
+            future = asyncio.run_coroutine_threadsafe(self.publish(event), home)
+            return await asyncio.wrap_future(future)
+        answer: asyncio.Future[Event] = asyncio.get_running_loop().create_future()
+
+        def done(event: Event, exc: BaseException | None) -> None:
+            if answer.done():  # the caller was cancelled
+                return
+            if exc is None:
+                answer.set_result(event)
+            else:
+                answer.set_exception(exc)
+
+        self.submit(event, done)
+        return await answer
+
+    async def _append_loop(self) -> None:
+        """Send what was submitted to the log, one call per batch, one call at a time."""
+        queued = self._queued
+        while True:
+            await queued.wait()
+            queued.clear()
+            while self._queue:
+                await self._append_batch(self._take())
+
+    def _take(self) -> list[_Pending]:
+        queue = self._queue
+        count, size = 0, 0
+        for pending in queue:
+            size += len(pending.payload)
+            if count and (count >= MAX_APPEND_BATCH or size > MAX_APPEND_BATCH_BYTES):
+                break
+            count += 1
+        batch = queue[:count]
+        del queue[:count]
+        return batch
+
+    async def _append_batch(self, batch: list[_Pending]) -> None:
+        own = self._own
+        for pending in batch:  # the tail may deliver them before the append's reply
+            own[pending.token] = pending
+        self._append_calls += 1
+        if len(batch) > self._append_batch_max:
+            self._append_batch_max = len(batch)
         try:
-            seq, epoch = await self.log.append(payload)
-        except BackendUnavailable:
-            self._unavailable += 1
-            raise
-        self._appended += 1
-        event.seq, event.epoch = seq, epoch
-        event._wire = event._frame = None
-        if not await self.catch_up(seq) and epoch == self.epoch:
-            self._delivery_timeouts += 1
-            logger.warning(
-                "event %s (seq %d) is in the log but this node's tail has not delivered it "
-                "within %gs (it is at seq %d)",
-                event.id,
-                seq,
-                self.delivery_timeout,
-                self._seq,
+            numbered = await self.log.append_many(
+                [p.payload for p in batch], [p.token for p in batch]
             )
-        return event
+        except BaseException as exc:
+            if isinstance(exc, BackendUnavailable):
+                failure = exc
+            elif isinstance(exc, asyncio.CancelledError):
+                failure = BackendUnavailable("the bus was closed while appending this event")
+            else:
+                logger.exception("appending %d events to the log failed", len(batch))
+                failure = BackendUnavailable(f"the event log failed: {exc}")
+            self._unavailable += len(batch)
+            for pending in batch:
+                # Not in the log as far as this node knows (unless its tail delivered it).
+                if own.pop(pending.token, None) is not None:
+                    self._finish(pending, failure)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        self._appended += len(batch)
+        if (
+            numbered
+            and numbered[0][1] == self.epoch
+            and numbered[0][0] == self._seq + 1
+            and not self._closed
+        ):
+            # Nothing between what this node delivered and this batch (the script gave it
+            # consecutive seqs): deliver it now, not a read later. The tail will read these
+            # entries too and skip them, as delivered.
+            for pending, (seq, epoch) in zip(batch, numbered, strict=True):
+                if own.pop(pending.token, None) is pending:
+                    self._deliver(LogEntry(seq, epoch, pending.payload, pending.token), pending)
+            self._own_direct += len(batch)
+            return
+        late: list[_Pending] = []
+        for pending, (seq, epoch) in zip(batch, numbered, strict=True):
+            if own.get(pending.token) is not pending:
+                continue  # delivered already
+            pending.seq = seq
+            pending.event.seq, pending.event.epoch = seq, epoch
+            pending.event._wire = pending.event._frame = None
+            if epoch == self.epoch and seq <= self._seq:
+                # The tail passed it without seeing it (trimmed before it read it).
+                del own[pending.token]
+                self._finish(pending, None)
+            else:
+                late.append(pending)
+        if late:
+            loop = asyncio.get_running_loop()
+            self._deadlines.append((loop.time() + self.delivery_timeout, late))
+            if self._sweeper is None:
+                self._sweeper = loop.call_later(self.delivery_timeout, self._sweep)
+
+    def _sweep(self) -> None:
+        """Answer what the tail has not delivered in time, batch by batch (one timer)."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        deadlines = self._deadlines
+        now = loop.time()
+        while deadlines and deadlines[0][0] <= now:
+            self._overdue(deadlines.popleft()[1])
+        if deadlines and not self._closed:
+            self._sweeper = loop.call_at(deadlines[0][0], self._sweep)
+
+    def _overdue(self, batch: list[_Pending]) -> None:
+        """Answer the events of a batch the tail has not delivered in time (they are in the log)."""
+        own = self._own
+        overdue = [p for p in batch if own.get(p.token) is p]
+        if not overdue:
+            return
+        self._delivery_timeouts += len(overdue)
+        logger.warning(
+            "%d events (seq %d..%d) are in the log but this node's tail has not delivered "
+            "them within %gs (it is at seq %d)",
+            len(overdue),
+            overdue[0].seq,
+            overdue[-1].seq,
+            self.delivery_timeout,
+            self._seq,
+        )
+        for pending in overdue:
+            del self._own[pending.token]
+            self._finish(pending, None)
+
+    def _settle_own(self, which: Callable[[_Pending], bool]) -> None:
+        """Answer the sent, undelivered events ``which`` picks as in the log."""
+        for token, pending in list(self._own.items()):
+            if pending.seq > 0 and which(pending):
+                del self._own[token]
+                self._finish(pending, None)
+
+    def _finish(self, pending: _Pending, exc: BaseException | None) -> None:
+        try:
+            pending.done(pending.event, exc)
+        except Exception:
+            logger.exception("the publisher's callback for %s failed", pending.event.id)
 
     def publish_nowait(self, event: Event) -> Event:
         """Schedule :meth:`publish` (from any thread); failures are logged and counted."""
@@ -393,15 +624,13 @@ class LogBus(EventBus):
         return event
 
     def _schedule(self, event: Event) -> None:
-        task = asyncio.get_running_loop().create_task(self.publish(event))
-        self._tasks.add(task)
-        task.add_done_callback(self._published_nowait)
+        try:
+            self.submit(event, self._published_nowait)
+        except Exception as exc:
+            self._publish_failures += 1
+            logger.error("publish_nowait failed: %s", exc)
 
-    def _published_nowait(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if task.cancelled():
-            return
-        exc = task.exception()
+    def _published_nowait(self, event: Event, exc: BaseException | None) -> None:
         if exc is not None:
             self._publish_failures += 1
             logger.error("publish_nowait failed: %s", exc)
@@ -429,6 +658,12 @@ class LogBus(EventBus):
                 "delivery_timeouts": self._delivery_timeouts,
                 "epoch_changes": self._epoch_changes,
                 "tail_failures": self._tail_failures,
+                "append_calls": self._append_calls,
+                "append_batch_max": self._append_batch_max,
+                "appends_queued": len(self._queue),
+                "appends_in_flight": len(self._own),
+                "own_events_delivered": self._delivered_own,
+                "own_events_delivered_on_append": self._own_direct,
             }
         )
         log_stats = getattr(self.log, "stats", None)

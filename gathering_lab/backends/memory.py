@@ -12,7 +12,7 @@ import logging
 import secrets
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from .base import (
@@ -21,6 +21,7 @@ from .base import (
     LogEntry,
     LogInfo,
     ReadResult,
+    check_batch,
     check_payload,
     check_read_args,
     is_gap,
@@ -85,15 +86,26 @@ class MemoryLog(EventLog):
 
     async def append(self, payload: bytes) -> tuple[int, str]:
         """Append one envelope; return its ``(seq, epoch)``."""
-        payload = check_payload(payload)
+        return (await self.append_many([check_payload(payload)]))[0]
+
+    async def append_many(
+        self, payloads: Sequence[bytes], tokens: Sequence[bytes] | None = None
+    ) -> list[tuple[int, str]]:
+        """Append envelopes in order, with consecutive ``seq``; return each ``(seq, epoch)``."""
+        checked, tokens = check_batch(payloads, tokens)
         self._check_open()
         store = self._store
-        store.last_seq += 1
-        store.entries.append(LogEntry(store.last_seq, store.epoch, payload))
-        self._appended += 1
-        async with store.changed:
-            store.changed.notify_all()
-        return store.last_seq, store.epoch
+        numbered = []
+        for index, payload in enumerate(checked):
+            store.last_seq += 1
+            token = tokens[index] if tokens is not None else b""
+            store.entries.append(LogEntry(store.last_seq, store.epoch, payload, token))
+            numbered.append((store.last_seq, store.epoch))
+        self._appended += len(checked)
+        if checked:
+            async with store.changed:
+                store.changed.notify_all()
+        return numbered
 
     async def read(self, after_seq: int, count: int, epoch: str | None = None) -> ReadResult:
         """Return at most ``count`` entries after ``after_seq`` (see :class:`ReadResult`)."""

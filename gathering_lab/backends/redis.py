@@ -50,7 +50,7 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -58,7 +58,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..exceptions import BackendUnavailable
@@ -68,6 +68,7 @@ from .base import (
     LogEntry,
     LogInfo,
     ReadResult,
+    check_batch,
     check_payload,
     check_read_args,
     is_gap,
@@ -103,22 +104,24 @@ local function ensure()
 end
 """
 
-# KEYS: stream, meta. ARGV: new epoch, payload, maxlen, token, and for a retry after a lost
-# connection the last seq and epoch the node knew before the first try ('' otherwise).
-# Returns {seq, epoch, 1 if the first try had landed}.
+# KEYS: stream, meta. ARGV: new epoch, maxlen, for a retry after a lost connection the last
+# seq and epoch the node knew before the first try ('' otherwise), then a payload and a token
+# for each entry. The entries get consecutive seqs. Returns {first seq, epoch, 1 if the
+# first try had landed}.
 APPEND_LUA = (
     _ENSURE
     + """
 local epoch, top = ensure()
-if ARGV[5] ~= '' then
-    -- a retry: did the first try land? Look for its token after what was known then.
+local maxlen, n = ARGV[2], (#ARGV - 4) / 2
+if ARGV[3] ~= '' then
+    -- a retry: did the first try land? Look for its first token after what was known then.
     local from = 0
-    if ARGV[6] == epoch then from = tonumber(ARGV[5]) end
+    if ARGV[4] == epoch then from = tonumber(ARGV[3]) end
     local after = redis.call('xrange', stream, string.format('%d-0', from + 1), '+', 'COUNT', 1000)
     for _, item in ipairs(after) do
         local fields = item[2]
         for k = 1, #fields, 2 do
-            if fields[k] == 'i' and fields[k + 1] == ARGV[4] then
+            if fields[k] == 'i' and fields[k + 1] == ARGV[6] then
                 return {tonumber(string.match(item[1], '^(%d+)')), epoch, 1}
             end
         end
@@ -128,17 +131,21 @@ if ARGV[5] ~= '' then
     end
 end
 local seq = top + 1
-redis.call('hset', meta, 's', seq)
-local added = redis.pcall('xadd', stream, 'MAXLEN', '~', ARGV[3],
-    string.format('%d-0', seq), 'd', ARGV[2], 'e', epoch, 'i', ARGV[4])
+local added = redis.pcall('xadd', stream, 'MAXLEN', '~', maxlen,
+    string.format('%d-0', seq), 'd', ARGV[5], 'e', epoch, 'i', ARGV[6])
 if type(added) == 'table' and added.err then
     -- the stream holds ids at or past seq: its metadata is older than it. Start over.
     redis.call('del', stream)
     epoch, seq = new_epoch, 1
-    redis.call('hset', meta, 'e', epoch, 's', seq)
-    redis.call('xadd', stream, 'MAXLEN', '~', ARGV[3], '1-0', 'd', ARGV[2], 'e', epoch,
-        'i', ARGV[4])
+    redis.call('hset', meta, 'e', epoch)
+    redis.call('xadd', stream, 'MAXLEN', '~', maxlen, '1-0', 'd', ARGV[5], 'e', epoch,
+        'i', ARGV[6])
 end
+for k = 2, n do
+    redis.call('xadd', stream, 'MAXLEN', '~', maxlen, string.format('%d-0', seq + k - 1),
+        'd', ARGV[3 + 2 * k], 'e', epoch, 'i', ARGV[4 + 2 * k])
+end
+redis.call('hset', meta, 's', seq + n - 1)
 return {seq, epoch, 0}
 """
 )
@@ -198,10 +205,35 @@ def _text(value: Any) -> str:
 def _entry(raw: Any) -> LogEntry:
     """A LogEntry from one XRANGE/XREAD item: [id, [field, value, ...]] or (id, {field: value})."""
     entry_id, fields = raw[0], raw[1]
+    if (
+        type(fields) is list
+        and len(fields) == 6
+        and fields[0] == b"d"
+        and fields[2] == b"e"
+        and fields[4] == b"i"
+    ):  # as the append script writes them
+        seq = int(entry_id[: entry_id.index(b"-")])
+        return LogEntry(seq, fields[3].decode(), fields[1], fields[5])
     if not isinstance(fields, dict):
         fields = dict(zip(fields[::2], fields[1::2], strict=True))
     seq = int(entry_id.split(b"-", 1)[0])
-    return LogEntry(seq, fields[b"e"].decode(), bytes(fields[b"d"]))
+    return LogEntry(seq, fields[b"e"].decode(), bytes(fields[b"d"]), bytes(fields.get(b"i", b"")))
+
+
+def _pack(*args: Any) -> bytes:
+    """One command in RESP (the arguments as bulk strings)."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if not isinstance(arg, bytes):
+            arg = str(arg).encode()
+        parts += (b"$%d\r\n" % len(arg), arg, b"\r\n")
+    return b"".join(parts)
+
+
+async def _call(conn: Any, *args: Any) -> Any:
+    """Send one command on a held connection and read its reply as the parser gives it."""
+    await conn.send_packed_command(_pack(*args), check_health=False)
+    return await conn.read_response()
 
 
 class RedisLog(EventLog):
@@ -215,6 +247,9 @@ class RedisLog(EventLog):
     """
 
     scheme = "redis"
+    # One pool connection held for appends, used when no other append is under way.
+    _held: Any = None
+    _held_busy = False
 
     def __init__(
         self,
@@ -279,12 +314,17 @@ class RedisLog(EventLog):
         self._last = (0, 1, 0)  # last seq, oldest seq, length: the last figures seen
         self._stats: dict[str, Any] = {
             "appended": 0,
+            "append_calls": 0,
+            "append_batch_max": 0,
             "append_refused": 0,
             "append_retries": 0,
             "failures": 0,
             "reconnects": 0,
             "epoch_changes": 0,
             "tails": 0,
+            "tail_reads": 0,
+            "tail_entries": 0,
+            "tail_batch_max": 0,
             "tail_reconnects": 0,
             "tail_stalls": 0,
             "tail_gaps": 0,
@@ -307,8 +347,9 @@ class RedisLog(EventLog):
     # -- connections -------------------------------------------------------------------
 
     def _new_client(self, client_name: str, max_connections: int) -> aioredis.Redis:
-        # No socket_timeout: redis-py then sends through asyncio.wait_for, which on
-        # Python 3.11 can swallow a task's cancellation (a tail that never ends). Every
+        # No socket_timeout (redis-py 8 defaults to 5 s; say None): with one, redis-py
+        # sends through asyncio.wait_for, which on Python 3.11 can swallow a task's
+        # cancellation (a tail that never ends), and costs a task per command. Every
         # call is bounded with asyncio.timeout here instead. A blocking pool makes a burst
         # of appends wait for a connection rather than fail with "Too many connections".
         pool = aioredis.BlockingConnectionPool.from_url(
@@ -316,6 +357,7 @@ class RedisLog(EventLog):
             max_connections=max_connections,
             timeout=None,
             client_name=client_name,
+            socket_timeout=None,
             socket_connect_timeout=self.connect_timeout,
             socket_keepalive=True,
             socket_keepalive_options=_keepalive_options(),
@@ -393,7 +435,11 @@ class RedisLog(EventLog):
                     await task
         self._reconnector = self._prober = None
         client, self._client = self._client, None
+        held, self._held = self._held, None
         if client is not None:
+            if held is not None:
+                await held.disconnect()
+                await client.connection_pool.release(held)
             await client.aclose()
 
     def _require_client(self) -> aioredis.Redis:
@@ -483,44 +529,78 @@ class RedisLog(EventLog):
 
     async def append(self, payload: bytes) -> tuple[int, str]:
         """Append one envelope atomically; return its cluster-wide ``(seq, epoch)``."""
-        payload = check_payload(payload)
+        return (await self.append_many([check_payload(payload)]))[0]
+
+    async def append_many(
+        self, payloads: Sequence[bytes], tokens: Sequence[bytes] | None = None
+    ) -> list[tuple[int, str]]:
+        """Append envelopes in one script call: consecutive ``seq``, nothing else between.
+
+        Returns each one's ``(seq, epoch)``; ``tokens`` come back with the entries
+        (:attr:`~gathering_lab.backends.LogEntry.token`).
+        """
+        checked, tokens = check_batch(payloads, tokens)
+        if not checked:
+            return []
         client = self._require_client()
         if self._health != "ok":
-            self._stats["append_refused"] += 1
+            self._stats["append_refused"] += len(checked)
             raise self._unavailable()
-        token = secrets.token_hex(8)
+        if tokens is None:
+            tokens = [secrets.token_hex(8).encode() for _ in checked]
         known_seq, known_epoch = self._last[0], self._epoch
-        args: list[Any] = [secrets.token_hex(6), payload, self.maxlen, token, "", ""]
+        args: list[Any] = [secrets.token_hex(6), self.maxlen, "", ""]
+        for payload, token in zip(checked, tokens, strict=True):
+            args += (payload, token)
         try:
             try:
                 async with asyncio.timeout(self.timeout + self.connect_timeout):
-                    seq, epoch, _ = await self._append_script(
-                        keys=self.keys, args=args, client=client
-                    )
+                    seq, epoch, _ = await self._run_append(client, args)
             except RedisConnectionError:
                 # The connection broke (e.g. closed by the server while idle in the pool):
                 # try once more on a new one; the script finds the first try by its token
-                # if it had landed, so the entry is in the log once either way.
+                # if it had landed, so the entries are in the log once either way.
                 self._stats["append_retries"] += 1
-                args[4:] = [known_seq, known_epoch]
+                args[2:4] = [known_seq, known_epoch]
                 async with asyncio.timeout(self.timeout + self.connect_timeout):
-                    seq, epoch, _ = await self._append_script(
-                        keys=self.keys, args=args, client=client
-                    )
+                    seq, epoch, _ = await self._run_append(client, args)
         except _DOWN_ERRORS as exc:
             self._down(exc)
-            self._stats["append_refused"] += 1
+            self._stats["append_refused"] += len(checked)
             raise self._unavailable() from exc
         except RedisError as exc:  # the retry could not tell: refuse rather than duplicate
-            self._stats["append_refused"] += 1
+            self._stats["append_refused"] += len(checked)
             raise BackendUnavailable(f"redis at {self.where}: {exc}") from exc
         epoch = epoch.decode()
-        seq = int(seq)
-        if seq > self._last[0] or epoch != self._epoch:
-            self._last = (seq, self._last[1], self._last[2])
+        first = int(seq)
+        last = first + len(checked) - 1
+        if last > self._last[0] or epoch != self._epoch:
+            self._last = (last, self._last[1], self._last[2])
         self._saw_epoch(epoch)
-        self._stats["appended"] += 1
-        return seq, epoch
+        stats = self._stats
+        stats["appended"] += len(checked)
+        stats["append_calls"] += 1
+        if len(checked) > stats["append_batch_max"]:
+            stats["append_batch_max"] = len(checked)
+        return [(first + i, epoch) for i in range(len(checked))]
+
+    async def _run_append(self, client: aioredis.Redis, args: list[Any]) -> Any:
+        """One call of the append script: on the log's held connection if it is free
+        (the bus's appender makes one call at a time), else on one from the pool."""
+        if self._held_busy:
+            return await self._append_script(keys=self.keys, args=args, client=client)
+        self._held_busy = True
+        try:
+            conn = self._held
+            if conn is None:
+                conn = self._held = await client.connection_pool.get_connection()
+            script = self._append_script
+            try:
+                return await _call(conn, "EVALSHA", script.sha, 2, *self.keys, *args)
+            except NoScriptError:  # a restarted Redis without its scripts
+                return await _call(conn, "EVAL", script.script, 2, *self.keys, *args)
+        finally:
+            self._held_busy = False
 
     async def _read_raw(
         self, client: aioredis.Redis, after_seq: int, count: int, epoch: str | None
@@ -530,6 +610,9 @@ class RedisLog(EventLog):
             args=[secrets.token_hex(6), after_seq, count, epoch or ""],
             client=client,
         )
+        return self._read_result(raw, after_seq, epoch)
+
+    def _read_result(self, raw: Any, after_seq: int, epoch: str | None) -> ReadResult:
         log_epoch = raw[0].decode()
         last_seq, oldest, length = int(raw[1]), int(raw[2]), int(raw[3])
         self._saw_epoch(log_epoch)
@@ -583,6 +666,12 @@ class RedisLog(EventLog):
         check_read_args(after_seq, 1)
         self._require_client()
         client = self._new_client(f"gathering-lab-tail:{self.name}", 1)
+        # The tail holds its one connection and talks to it directly: no pool, retry or
+        # reply-callback layers per read (a read per delivered batch is the hot path).
+        conn = await client.connection_pool.get_connection()
+        read_script = self._read_script
+        block_ms = int(self.block * 1000)
+        stats = self._stats
         task = asyncio.current_task()
         stream = self.keys[0]
         last = after_seq
@@ -596,8 +685,17 @@ class RedisLog(EventLog):
             while self._client is not None and self._health != "closed":
                 try:
                     if use_script:
+                        args = [secrets.token_hex(6), last, TAIL_CHUNK, epoch or ""]
                         async with asyncio.timeout(self.timeout + self.connect_timeout):
-                            chunk = await self._read_raw(client, last, TAIL_CHUNK, epoch)
+                            try:
+                                raw = await _call(
+                                    conn, "EVALSHA", read_script.sha, 2, *self.keys, *args
+                                )
+                            except NoScriptError:  # a restarted Redis without its scripts
+                                raw = await _call(
+                                    conn, "EVAL", read_script.script, 2, *self.keys, *args
+                                )
+                        chunk = self._read_result(raw, last, epoch)
                         if epoch is not None and chunk.epoch != epoch:
                             logger.warning(
                                 "event log tail on %s: epoch %s -> %s after seq %d; "
@@ -615,13 +713,17 @@ class RedisLog(EventLog):
                         async with asyncio.timeout(
                             self.block + self.timeout + self.connect_timeout
                         ):
-                            reply: Any = await client.xread(
-                                {stream: f"{last}-0"},
-                                count=TAIL_CHUNK,
-                                block=int(self.block * 1000),
-                            )
+                            reply: Any = await _call(
+                                conn, "XREAD", "COUNT", TAIL_CHUNK, "BLOCK", block_ms,
+                                "STREAMS", stream, b"%d-0" % last,
+                            )  # fmt: skip
                         batch = [_entry(item) for item in reply[0][1]] if reply else []
                         use_script = not batch
+                    if batch:
+                        stats["tail_reads"] += 1
+                        stats["tail_entries"] += len(batch)
+                        if len(batch) > stats["tail_batch_max"]:
+                            stats["tail_batch_max"] = len(batch)
                 except _DOWN_ERRORS as exc:
                     stalled = isinstance(exc, RedisTimeoutError | asyncio.TimeoutError)
                     self._stats["tail_stalls" if stalled else "tail_reconnects"] += 1
@@ -665,4 +767,6 @@ class RedisLog(EventLog):
                     yield entry
         finally:
             self._stats["tails"] -= 1
+            await conn.disconnect()
+            await client.connection_pool.release(conn)
             await client.aclose()

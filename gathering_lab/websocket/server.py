@@ -37,6 +37,7 @@ from websockets.http11 import Request, Response
 
 from .. import __version__, protocol
 from ..auth import EVERYTHING, Identity, JWTAuth, bearer_token, install_redaction
+from ..backends.bus import LogBus
 from ..backends.nodes import REPORT_INTERVAL, Nodes, check_timing, cluster_stats, nodes_for
 from ..events import EventBus, event_bus
 from ..exceptions import AuthError, BackendUnavailable, PortInUseError
@@ -70,6 +71,11 @@ from .policy import (
     Replay,
     Reply,
     Settings,
+)
+from .publishing import (
+    DEFAULT_MAX_PUBLISHES_IN_FLIGHT,
+    PublishWindow,
+    check_max_publishes_in_flight,
 )
 
 __all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "LOOPBACK_ORIGIN", "Server", "bind", "serve"]
@@ -351,6 +357,7 @@ class _Handler:
         max_patterns: int = protocol.DEFAULT_MAX_PATTERNS,
         gate: _Gate | None = None,
         rates: RateLimits | None = None,
+        max_publishes_in_flight: int = DEFAULT_MAX_PUBLISHES_IN_FLIGHT,
     ) -> None:
         self.bus = bus
         self.manager = manager
@@ -378,6 +385,10 @@ class _Handler:
         self._unavailable_log = LogThrottle(LOG_INTERVAL)
         #: This node and the others on the same shared log (set by serve()).
         self.nodes: Nodes = Nodes("", "", self.local_stats)
+        # On a shared log, each connection has several publishes in flight (publishing.py).
+        self.max_publishes_in_flight = check_max_publishes_in_flight(max_publishes_in_flight)
+        self._windows: dict[Session, PublishWindow] = {}
+        self.publishes_held = 0  # of connections that closed; open ones count in their window
 
     # HTTP
 
@@ -523,6 +534,8 @@ class _Handler:
         stats.update(self.gate.stats())
         stats["publishes_rate_limited"] = self.counters.publishes_rate_limited
         stats["publishes_unavailable"] = self.counters.publishes_unavailable
+        stats["max_publishes_in_flight"] = self.max_publishes_in_flight
+        stats["publishes_held"] = self.publishes_held + sum(w.held for w in self._windows.values())
         stats["messages_throttled"] = self.counters.messages_throttled
         stats["rate_limits"] = self.rates.to_dict()
         mine = {(s.client_id, s.remote): p.limits for s, p in self._policies.items()}
@@ -583,6 +596,12 @@ class _Handler:
             now=time.monotonic(),
         )
         self._policies[session] = policy
+        if isinstance(self.bus, LogBus):
+            self._windows[session] = PublishWindow(
+                self.bus.submit,
+                lambda action, failure: self._answer(session, policy, action, failure),
+                self.max_publishes_in_flight,
+            )
         logger.info("client %s connected from %s", client_id, session.remote)
         try:
             greeting = handshake.greeting(
@@ -613,6 +632,9 @@ class _Handler:
             if expiry is not None:
                 expiry.cancel()
             self._policies.pop(session, None)
+            window = self._windows.pop(session, None)
+            if window is not None:
+                self.publishes_held += window.held
             self.manager.disconnect(session)
             logger.info("client %s disconnected", client_id)
             self._count_close(connection)
@@ -649,24 +671,19 @@ class _Handler:
     async def _run(self, session: Session, policy: ClientPolicy, action: Action) -> bool:
         """Do what the policy decided; False once the connection is being closed."""
         manager = self.manager
+        window = self._windows.get(session)
+        if window is not None and window.in_flight and not isinstance(action, PublishEvent):
+            await window.settle()  # answers keep the order of the client's requests
         if isinstance(action, Reply):
             manager.send(session, action.message)
         elif isinstance(action, PublishEvent):
+            if window is not None:
+                await window.publish(action)  # answered in order, once delivered here
+                return True
             try:
                 await self.bus.publish(action.event)
-            except ValueError as exc:
-                manager.send(session, policy.published(action, exc))
-            except BackendUnavailable as exc:
-                manager.send(session, policy.published(action, exc))
-                held = self._unavailable_log.ready(time.monotonic())
-                if held is not None:
-                    logger.warning(
-                        "refused a publish from %s with unavailable: %s (%d more since the "
-                        "last report)",
-                        session.client_id,
-                        exc,
-                        held,
-                    )
+            except (ValueError, BackendUnavailable) as exc:
+                self._answer(session, policy, action, exc)
             else:
                 manager.send(session, policy.published(action))
         elif isinstance(action, ChangeFilters):
@@ -683,6 +700,30 @@ class _Handler:
             await session.connection.close(action.code, action.reason)
             return False
         return True
+
+    def _answer(
+        self,
+        session: Session,
+        policy: ClientPolicy,
+        action: PublishEvent,
+        failure: BaseException | None,
+    ) -> None:
+        """Answer a publish: ``published``, or the error ``failure`` maps to (logged)."""
+        if failure is None:
+            self.manager.send(session, policy.published(action))
+            return
+        assert isinstance(failure, Exception)
+        self.manager.send(session, policy.published(action, failure))
+        if isinstance(failure, BackendUnavailable):
+            held = self._unavailable_log.ready(time.monotonic())
+            if held is not None:
+                logger.warning(
+                    "refused a publish from %s with unavailable: %s (%d more since the "
+                    "last report)",
+                    session.client_id,
+                    failure,
+                    held,
+                )
 
     async def _replay(
         self, session: Session, policy: ClientPolicy, resume: protocol.Resume
@@ -891,6 +932,9 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
     (0 = no limit; the excess is answered ``rate_limited``); ``message_rate`` and
     ``message_burst`` pace every message a client sends (default: twice the publish
     figures; 0 = no limit; past it the server reads that client's next message later).
+    On a shared log, ``max_publishes_in_flight`` publishes per connection go to the log
+    together; past that, the server reads that client's next message once one is answered
+    (counted in ``publishes_held``).
     """
 
     def __init__(
@@ -923,6 +967,7 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
         publish_burst: int = DEFAULT_PUBLISH_BURST,
         message_rate: float | None = None,
         message_burst: int | None = None,
+        max_publishes_in_flight: int = DEFAULT_MAX_PUBLISHES_IN_FLIGHT,
         # Timeouts
         open_timeout: float | None = DEFAULT_OPEN_TIMEOUT,
         ping_interval: float | None = 20,
@@ -941,6 +986,7 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
             raise TypeError(f"auth must be a JWTAuth or None, not {type(auth).__name__}")
         # Checked before the port is bound.
         rates = RateLimits(publish_rate, publish_burst, message_rate, message_burst, LOG_INTERVAL)
+        check_max_publishes_in_flight(max_publishes_in_flight)
         if open_timeout is not None and not (
             isinstance(open_timeout, (int, float)) and 0 < open_timeout < float("inf")
         ):
@@ -990,6 +1036,7 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
             max_patterns=max_patterns,
             gate=_Gate(admission, self.manager, open_timeout),
             rates=rates,
+            max_publishes_in_flight=max_publishes_in_flight,
         )
         self.handler.all_events = broadcast
         self.handler.worker = worker

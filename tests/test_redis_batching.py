@@ -1,0 +1,216 @@
+"""Publishes in flight and batched appends and deliveries on the Redis bus (issue 9).
+
+Real parts: two server nodes (each its own connection manager and ``LogBus``) on the
+``redis_server`` fixture, real websockets clients. A connection may have several publishes
+in flight: they go to the log together, in order, and each answer follows its own event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+
+from gathering_lab.backends import open_log
+from gathering_lab.events import Event
+from gathering_lab.testing import RedisServer, recv_json, recv_until, timeout, wait_for
+from gathering_lab.websocket import ConnectionManager, Server, serve
+
+
+@contextlib.asynccontextmanager
+async def node(url: str, **options: Any) -> AsyncIterator[Server]:
+    """A server with its own manager and a bus on the log at ``url``; closed (bus too) after."""
+    server = await serve(port=0, bus=url, manager=ConnectionManager(), **options)
+    try:
+        yield server
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def greeted(url: str) -> ClientConnection:
+    ws = await connect(url, max_size=None)
+    assert (await recv_json(ws))["type"] == "connection.established"
+    return ws
+
+
+def publish_frame(i: int) -> str:
+    return json.dumps(
+        {"type": "publish", "id": f"p{i}", "data": {"type": "load.test", "data": {"i": i}}}
+    )
+
+
+async def collect(ws: ClientConnection, answers: int, wait: float = 10.0) -> list[dict[str, Any]]:
+    """Messages until ``answers`` answers to publishes (``published`` or ``error``) came."""
+    got: list[dict[str, Any]] = []
+    deadline = asyncio.get_running_loop().time() + timeout(wait)
+    while sum(m["type"] in ("published", "error") for m in got) < answers:
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise TimeoutError(f"{answers} answers not all within {wait}s: {got[-3:]}")
+        got.append(json.loads(await asyncio.wait_for(ws.recv(), left)))
+    return got
+
+
+async def nothing_more(ws: ClientConnection) -> list[dict[str, Any]]:
+    """What arrives before the answer to a ping sent now (events sent twice would show)."""
+    await ws.send(json.dumps({"type": "ping", "id": "last"}))
+    return (await recv_until(ws, lambda m: m["type"] == "pong"))[:-1]
+
+
+def ids(messages: list[dict[str, Any]]) -> list[tuple[int, str, str]]:
+    return [(m["seq"], m["epoch"], m["event_id"]) for m in messages]
+
+
+async def test_publishes_in_flight_from_one_connection_keep_order_acks_and_exactly_once(
+    redis_server: RedisServer,
+) -> None:
+    count = 200
+    async with node(redis_server.url) as a, node(redis_server.url) as b:
+        pub, sub_a, sub_b = await greeted(a.url), await greeted(a.url), await greeted(b.url)
+        async with pub, sub_a, sub_b:
+            before = a.bus.get_stats()
+            calls_before = before["append_calls"]
+            for i in range(count):  # no wait for answers: they are in flight together
+                await pub.send(publish_frame(i))
+            got = await collect(pub, count)
+            # One answer per publish, all acks, in the order sent, each after its own event.
+            answers = [m for m in got if m["type"] in ("published", "error")]
+            assert [m["type"] for m in answers] == ["published"] * count
+            assert [m["id"] for m in answers] == [f"p{i}" for i in range(count)]
+            position = {m["data"]["i"]: n for n, m in enumerate(got) if "event_id" in m}
+            for n, m in enumerate(got):
+                if m["type"] == "published":
+                    i = int(m["id"][1:])
+                    assert position[i] < n, f"the ack of p{i} came before its event"
+                    assert got[position[i]]["seq"] == m["data"]["seq"]
+            mine = [m for m in got if "event_id" in m]
+            assert [m["data"]["i"] for m in mine] == list(range(count)), "the publisher's order"
+            seqs = [m["seq"] for m in mine]
+            assert seqs == list(range(seqs[0], seqs[0] + count))
+            # Both nodes' subscribers: every event once, in that order, same seq/epoch/id.
+            for ws in (sub_a, sub_b):
+                seen = await collect_events(ws, count)
+                assert ids(seen) == ids(mine)
+                assert await nothing_more(ws) == []
+            assert await nothing_more(pub) == []
+            stats = a.bus.get_stats()
+            # They went to Redis together: fewer script calls than events.
+            assert stats["append_batch_max"] >= 2
+            assert stats["append_calls"] - calls_before < count
+            assert stats["log"]["append_calls"] == stats["append_calls"]
+            # a delivered its own events without decoding them (from the append's reply or
+            # through its tail, by token); b decoded every one.
+            assert stats["own_events_delivered"] - before["own_events_delivered"] == count
+            assert b.bus.get_stats()["own_events_delivered"] == 0
+            assert a.get_stats()["publishes_held"] == 0  # 200 < the window of 256
+
+
+async def collect_events(ws: ClientConnection, count: int) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    while len(got) < count:
+        message = await recv_json(ws, wait=10)
+        if "event_id" in message:
+            got.append(message)
+    return got
+
+
+async def test_a_full_window_holds_the_next_message_and_keeps_the_order(
+    redis_server: RedisServer,
+) -> None:
+    count = 60
+    async with node(redis_server.url, max_publishes_in_flight=4) as a:
+        pub = await greeted(a.url)
+        async with pub:
+            for i in range(count):
+                await pub.send(publish_frame(i))
+            await pub.send(json.dumps({"type": "ping", "id": "after"}))
+            got = await recv_until(pub, lambda m: m["type"] == "pong")
+            answers = [m["id"] for m in got if m["type"] in ("published", "error", "pong")]
+            assert answers == [f"p{i}" for i in range(count)] + ["after"]
+            assert all(m["type"] != "error" for m in got)
+            stats = a.get_stats()
+            assert stats["publishes_held"] >= 1 and stats["max_publishes_in_flight"] == 4
+
+
+async def test_redis_lost_with_publishes_in_flight_answers_each_in_order(
+    redis_server: RedisServer,
+) -> None:
+    landed, stuck, later = 20, 30, 5
+    async with node(redis_server.url) as a:
+        pub = await greeted(a.url)
+        async with pub:
+            for i in range(landed):
+                await pub.send(publish_frame(i))
+            await collect(pub, landed)
+            redis_server.pause()  # hung: what is sent now stays in flight
+            for i in range(landed, landed + stuck):
+                await pub.send(publish_frame(i))
+
+            def in_flight() -> int:
+                stats = a.bus.get_stats()
+                return int(stats["appends_in_flight"] + stats["appends_queued"])
+
+            await wait_for(lambda: in_flight() == stuck)
+            redis_server.kill()  # with those never processed
+            for i in range(landed + stuck, landed + stuck + later):
+                await pub.send(publish_frame(i))
+            got = await collect(pub, stuck + later, wait=20)
+            answers = [m for m in got if m["type"] in ("published", "error")]
+            # Nothing silent: one answer each, in the order sent, all "unavailable".
+            assert [m["id"] for m in answers] == [
+                f"p{i}" for i in range(landed, landed + stuck + later)
+            ]
+            assert {(m["type"], m["data"]["code"]) for m in answers} == {("error", "unavailable")}
+            assert a.get_stats()["publishes_unavailable"] == stuck + later
+            assert in_flight() == 0
+
+    redis_server.start()  # same port, same append-only file (fsync always)
+    log = open_log(redis_server.url)
+    await log.connect()
+    try:
+        entries = (await log.read(0, 1000)).entries
+    finally:
+        await log.close()
+    # The acknowledged ones are in the log, the refused ones are not.
+    assert [json.loads(e.payload)["data"]["i"] for e in entries] == list(range(landed))
+
+
+async def test_events_appended_together_reach_a_client_of_another_node_in_one_write(
+    redis_server: RedisServer,
+) -> None:
+    count = 50
+    async with node(redis_server.url) as a, node(redis_server.url) as b:
+        sub = await greeted(b.url)
+        async with sub:
+            await a.bus.publish(Event(type="load.test", data={"i": -1}))
+            await collect_events(sub, 1)  # live, and b's tail is waiting in XREAD
+            (session,) = b.manager.sessions
+            transport = session.transport
+            write = transport.write
+            writes: list[int] = []
+
+            def counting_write(data: Any) -> None:  # a spy: the real write still happens
+                writes.append(len(data))
+                write(data)
+
+            transport.write = counting_write  # type: ignore[method-assign]
+            answered: list[BaseException | None] = []
+            calls_before = a.bus.get_stats()["append_calls"]
+            for i in range(count):  # in one loop turn: one append call, atomically
+                a.bus.submit(
+                    Event(type="load.test", data={"i": i}), lambda e, x: answered.append(x)
+                )
+            seen = await collect_events(sub, count)
+            assert [m["data"]["i"] for m in seen] == list(range(count))
+            assert len(writes) == 1, f"{count} events took {len(writes)} writes to one client"
+            assert a.bus.get_stats()["append_calls"] == calls_before + 1
+            assert b.bus.get_stats()["log"]["tail_batch_max"] >= count
+            await wait_for(lambda: len(answered) == count)
+            assert answered == [None] * count
+            assert b.bus.get_stats()["own_events_delivered"] == 0  # b decoded them: not its own
+            assert a.bus.get_stats()["own_events_delivered"] >= count
