@@ -15,6 +15,7 @@ import urllib.request
 from typing import Any
 
 import pytest
+from test_cluster import _run_cli as run_serve_cli  # tests/ is on sys.path
 from websockets.asyncio.client import connect
 
 from gathering_lab.backends.bus import LogBus, bus_for_url
@@ -125,27 +126,8 @@ async def test_maxlen_from_the_url_trims_the_log_so_a_late_resume_reports_a_gap(
 
 async def _serve_cli(*args: str, env: dict[str, str] | None = None) -> tuple[int, list[str]]:
     """Run ``gathering-lab serve --port 0 ARGS`` expecting it to exit; its code and stderr lines."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gathering_lab",
-        "serve",
-        "--port",
-        "0",
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, **(env or {})},
-    )
-    try:
-        _, stderr = await asyncio.wait_for(process.communicate(), timeout(30))
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode, [line for line in stderr.decode().splitlines() if line.strip()]
+    code, lines, _ = await run_serve_cli(*args, env=env)
+    return code, lines
 
 
 @pytest.mark.parametrize(
