@@ -722,10 +722,10 @@ def test_bounded_counts_and_len_include_rows_not_yet_settled(max_rows: int) -> N
     for seq in range(total):
         frame.append(event(seq))
         if seq in (0, 3, 499):  # reading in between settles what is pending
-            assert len(frame) == min(seq + 1, max_rows)
             assert frame.dropped == max(0, seq + 1 - max_rows)
-    assert len(frame) == min(total, max_rows)
+            assert len(frame) == min(seq + 1, max_rows)
     assert frame.dropped == max(0, total - max_rows)
+    assert len(frame) == min(total, max_rows)
     df = frame.df
     assert df.index[0] == frame.dropped
     assert list(df["seq"]) == list(range(total - len(df), total))
