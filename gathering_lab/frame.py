@@ -77,7 +77,9 @@ _TAKE = itemgetter(*_MESSAGE_FIELDS)
 _TYPE, _EPOCH, _TIMESTAMP = (_MESSAGE_FIELDS.index(n) for n in ("type", "epoch", "timestamp"))
 #: Rows appended one by one are moved into the column buffers this many at a time (and
 #: whenever the frame is read): one transposition in C instead of eleven appends per row.
-CHUNK_ROWS = 1024
+#: Few, so most row tuples are gone before the garbage collector's next young collection
+#: (1,024 measured 0.1-0.2 us per event slower, all of it in the collector).
+CHUNK_ROWS = 32
 _ID_COLUMNS = ("seq", "source_agent_id", "circle_id", "project_id")
 _TIME_COLUMNS = ("received_at", "timestamp")
 _TEXT_COLUMNS = ("type", "event_id", "epoch", "client_id")
