@@ -27,7 +27,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.frames import Frame, Opcode
-from websockets.protocol import OPEN, Event
+from websockets.protocol import CONNECTING, OPEN, Event
 from websockets.streams import StreamReader
 
 from .auth import install_redaction
@@ -257,8 +257,21 @@ class DispatchConnection(ClientConnection):
             data = self._partial + data
             self._partial = b""
         elif not self._splittable():
-            super().data_received(data)
-            return
+            if self.protocol.state is not CONNECTING:
+                super().data_received(data)
+                return
+            # The read that ends the handshake often holds the first frames too: give
+            # websockets the HTTP response alone, so its parser starts the frames between
+            # two of them (else it may hold part of one until a read ends on a boundary).
+            end = data.find(b"\r\n\r\n") + 4
+            if not 4 <= end < len(data):
+                super().data_received(data)
+                return
+            super().data_received(data[:end])
+            data = data[end:]
+            if not self._splittable():
+                super().data_received(data)
+                return
         protocol = self.protocol
         limit = protocol.max_message_size
         if protocol.max_fragment_size is not None:

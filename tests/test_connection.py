@@ -306,3 +306,63 @@ async def test_a_real_servers_events_take_the_split_path(server: Server) -> None
         assert [row["n"] for row in client.frame.df["data"]] == list(range(200))
     finally:
         await client.close()
+
+
+async def test_frames_in_the_handshakes_read_do_not_stop_the_splitting() -> None:
+    """A server whose writes never end on a frame boundary, the first one holding the HTTP
+    response, the greeting and half an event: websockets is given the response alone, so
+    the frames after it are still split here (else websockets' parser would hold part of a
+    frame after every read, and take every frame)."""
+    import base64
+    import hashlib
+
+    from gathering_lab import protocol
+
+    greeting = protocol.connection_established("c", seq=0, epoch="e1", request_ids=True)
+    frames = [_frame(0x81, protocol.encode(greeting))]
+    frames += [_frame(0x81, _event(seq, 40)) for seq in range(1, 41)]
+    stream = b"".join(frames)
+    cuts = [len(frames[0]) + 30, *range(len(frames[0]) + 400, len(stream), 377), len(stream)]
+    ping = asyncio.get_running_loop().create_future()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        key = next(
+            line.split(b":", 1)[1].strip()
+            for line in request.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key:")
+        )
+        accept = base64.b64encode(
+            hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()  # noqa: S324
+        )
+        response = (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+        )
+        writer.write(response + stream[: cuts[0]])  # one write: response, greeting, half
+        await writer.drain()
+        await ping  # the client is in its read loop: on_text is set
+        start = cuts[0]
+        for cut in cuts[1:]:
+            writer.write(stream[start:cut])
+            await writer.drain()
+            await asyncio.sleep(0.001)  # separate reads, mostly; each ends inside a frame
+            start = cut
+        await reader.read(1)  # the client's close frame: answer it, close the connection
+        writer.write(b"\x88\x02\x03\xe8")
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        client = LabClient(f"ws://127.0.0.1:{port}/ws/dashboard", "hs", heartbeat=None)
+        client.reconnect = False
+        await client.connect()
+        try:
+            ws = _dispatch(client)
+            ping.set_result(None)
+            await client.wait_for_events(40, timeout(5))
+            assert list(client.frame.df["seq"]) == list(range(1, 41))
+            assert ws.fast_frames >= 39  # all but (at most) the one split before on_text
+        finally:
+            await client.close()
