@@ -19,9 +19,12 @@ the part the other processes and the box's noise change least).
 first, then the client connects with ``last_seq=0`` and the server replays them from
 history as fast as the client reads.
 
-``--profile`` runs the client's phase under cProfile and prints the top functions by
-own time. Every run is repeated ``--reps`` times (a fresh server each time); the table
-gives min / median / max.
+Each run also prints the server's CPU split into user and kernel time, the publisher's
+CPU (live), and how many frames the client's connection split itself
+(``DispatchConnection.fast_frames``; None for a package without it). ``--profile`` runs
+the client's phase under cProfile and prints the top functions by own time; ``--no-gc``
+disables the garbage collector in the client's process, to measure its share. Every run
+is repeated ``--reps`` times (a fresh server each time); the table gives min / median / max.
 
     PYTHONPATH=$PWD python benchmarks/client_ingest.py                  # 20,000 events x 5
     PYTHONPATH=$PWD python benchmarks/client_ingest.py --profile --reps 1

@@ -184,16 +184,17 @@ class DispatchConnection(ClientConnection):
     reads the queue calls :meth:`taken` after each message it takes, and direct
     delivery resumes once the queue is empty. ``on_text`` must not raise.
 
-    While ``on_text`` is set, the connection is open, no extension (compression) is in
-    use, websockets does not log frames (DEBUG) and websockets' parser sits between two
-    frames, incoming bytes are split into frames here (:meth:`data_received`), which is
-    several times cheaper per frame than websockets' generator-based parser: each
-    unmasked, unfragmented text frame within ``max_size`` goes to ``on_text``; every
-    other frame (ping, pong, close, binary, fragments, a refused text, one too big), whole,
-    goes to websockets' parser, which handles it exactly as before; a frame split between
-    two reads waits for the rest here (up to :data:`SPLIT_FRAME_LIMIT` bytes, else it is
-    left to websockets, and splitting resumes once its parser is between frames again).
-    :attr:`fast_frames` counts the frames split here.
+    While the connection is open, no extension (compression) is in use, websockets does
+    not log frames (DEBUG) and websockets' parser sits between two frames, incoming bytes
+    are split into frames here (:meth:`data_received`), several times cheaper per frame
+    than websockets' generator-based parser: each unmasked, unfragmented text frame within
+    ``max_size`` goes to ``on_text`` (when set and nothing is queued); every other frame
+    (ping, pong, close, binary, fragments, a refused text, one too big), whole and in
+    order, goes to websockets' parser, which handles it exactly as before. A frame cut
+    between two reads waits here for the rest (up to :data:`SPLIT_FRAME_LIMIT` bytes; a
+    bigger one is left to websockets and splitting resumes after it). The read that ends
+    the handshake is cut after the HTTP response, so the frames in it are split here too.
+    :attr:`fast_frames` counts the text frames split here and offered to ``on_text``.
 
     Pass it as ``create_connection=DispatchConnection`` to websockets' ``connect``.
     """
@@ -204,7 +205,7 @@ class DispatchConnection(ClientConnection):
         self.on_text: Callable[[bytes], bool] | None = None
         #: Messages delivered to ``on_text`` so far.
         self.dispatched = 0
-        #: Frames split by :meth:`data_received` itself (not by websockets' parser).
+        #: Text frames split by :meth:`data_received` itself and offered to ``on_text``.
         self.fast_frames = 0
         # Complete messages in the queue, not yet taken. (A fragmented message's frames
         # are queued too; no TEXT frame can come between them: websockets refuses it.)
