@@ -19,9 +19,12 @@ the part the other processes and the box's noise change least).
 first, then the client connects with ``last_seq=0`` and the server replays them from
 history as fast as the client reads.
 
-``--profile`` runs the client's phase under cProfile and prints the top functions by
-own time. Every run is repeated ``--reps`` times (a fresh server each time); the table
-gives min / median / max.
+Each run also prints the server's CPU split into user and kernel time, the publisher's
+CPU (live), and how many frames the client's connection split itself
+(``DispatchConnection.fast_frames``; None for a package without it). ``--profile`` runs
+the client's phase under cProfile and prints the top functions by own time; ``--no-gc``
+disables the garbage collector in the client's process, to measure its share. Every run
+is repeated ``--reps`` times (a fresh server each time); the table gives min / median / max.
 
     PYTHONPATH=$PWD python benchmarks/client_ingest.py                  # 20,000 events x 5
     PYTHONPATH=$PWD python benchmarks/client_ingest.py --profile --reps 1
@@ -36,11 +39,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import io
 import json
 import os
 import platform
 import pstats
+import resource
 import socket
 import statistics
 import subprocess
@@ -146,10 +151,11 @@ def run_publisher(url: str, events: int, size: int) -> subprocess.Popen[bytes]:
 # The client (this process)
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of process ``pid`` so far (Linux /proc), in seconds."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(utime, stime) of process ``pid`` so far (Linux /proc), in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 async def wait_rows(client: Any, events: int, limit: float) -> None:
@@ -187,13 +193,23 @@ async def one_run(args: argparse.Namespace, profiler: cProfile.Profile | None) -
         if profiler is not None:
             profiler.disable()
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-        server_cpu = cpu_seconds(server.pid) - server_cpu0
+        server_user, server_sys = (
+            now - then for now, then in zip(cpu_seconds(server.pid), server_cpu0, strict=True)
+        )
+        server_cpu = server_user + server_sys
+        # Frames the client's connection split itself (None: a package without the splitter).
+        split = getattr(client._ws, "fast_frames", None)
         rows, gaps = len(client.frame), client.gaps
         received = client.frame.df["received_at"]
         span = (received.max() - received.min()).total_seconds()
         await client.close()
+        children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         if args.mode == "live" and publisher.wait(60) != 0:
             raise RuntimeError("the publisher failed")
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        publisher_cpu = (children.ru_utime + children.ru_stime) - (
+            children0.ru_utime + children0.ru_stime
+        )
         return {
             "events": args.events,
             "rows": rows,
@@ -205,6 +221,10 @@ async def one_run(args: argparse.Namespace, profiler: cProfile.Profile | None) -
             "client_cpu_pct": 100 * cpu / span,
             "server_cpu_us_per_event": server_cpu / args.events * 1e6,
             "server_cpu_pct": 100 * server_cpu / span,
+            "server_kernel_pct": 100 * server_sys / server_cpu if server_cpu else 0.0,
+            "split_frames": split,
+            # Live only (the reaped publisher's CPU; replay publishes before the phase).
+            "publisher_cpu_us_per_event": publisher_cpu / args.events * 1e6,
         }
     finally:
         server.terminate()
@@ -255,6 +275,11 @@ def main() -> None:
     parser.add_argument("--mode", choices=["live", "replay"], default="live")
     parser.add_argument("--profile", action="store_true", help="cProfile the client's phase")
     parser.add_argument("--top", type=int, default=25, help="functions shown by --profile")
+    parser.add_argument(
+        "--no-gc",
+        action="store_true",
+        help="disable the garbage collector in the client process (to measure its share)",
+    )
     parser.add_argument("--label", default="", help="name of this run in the output")
     parser.add_argument(
         "--server-arg", action="append", default=[], help="extra argument for serve"
@@ -267,6 +292,8 @@ def main() -> None:
         return
     print(f"# client ingest {args.label} ({args.mode}): {describe()}", flush=True)
     profiler = cProfile.Profile() if args.profile else None
+    if args.no_gc:
+        gc.disable()
     runs = []
     for rep in range(args.reps):
         result = asyncio.run(one_run(args, profiler))
@@ -276,8 +303,14 @@ def main() -> None:
             f"client CPU {result['client_cpu_us_per_event']:.1f} µs/event "
             f"({result['client_cpu_pct']:.0f} % of a core), server CPU "
             f"{result['server_cpu_us_per_event']:.1f} µs/event "
-            f"({result['server_cpu_pct']:.0f} %), rows {result['rows']}, "
-            f"gaps {result['gaps']}",
+            f"({result['server_cpu_pct']:.0f} %, {result['server_kernel_pct']:.0f} % of it "
+            f"in the kernel), rows {result['rows']}, gaps {result['gaps']}, "
+            f"frames split by the client itself {result['split_frames']}"
+            + (
+                f", publisher CPU {result['publisher_cpu_us_per_event']:.1f} µs/event"
+                if args.mode == "live"
+                else ""
+            ),
             flush=True,
         )
     rates = sorted(r["events_per_s"] for r in runs)

@@ -72,6 +72,9 @@ FINAL_CLOSE_CODES = frozenset({1003, 1007, 1008, 1009})
 DEFAULT_MAX_MESSAGE_SIZE = 4 * 2**20
 #: Reply types that answer a request.
 _REPLY_TYPES = frozenset({"pong", "error", "published", "subscribed", "resumed", "authenticated"})
+_CONTROL_TYPES = protocol.CONTROL_TYPES
+_decode = protocol.decode
+_time = time.time
 
 EventCallback = Callable[[dict[str, Any]], None]
 
@@ -608,13 +611,17 @@ class LabClient:
         Never raises. A frame that is not a valid message (not UTF-8, not JSON) goes on
         to the queue, where websockets checks its UTF-8 and :meth:`_handle` logs the rest.
         """
-        received_at = time.time()
+        received_at = _time()
         try:
-            message = protocol.decode(raw)
+            message = _decode(raw)
         except ProtocolError:
             return False
         try:
-            self._message(message, received_at)
+            # _message() inlined for events, the common case.
+            if message["type"] in _CONTROL_TYPES:
+                self._message(message, received_at)
+            else:
+                self._event(message, received_at)
         except Exception:
             logger.exception("failed to handle a message from the server")
         return True
@@ -706,18 +713,19 @@ class LabClient:
 
     def _event(self, message: dict[str, Any], received_at: float) -> None:
         seq = message.get("seq")
-        if isinstance(seq, int) and not isinstance(seq, bool):
-            if message.get("epoch") == self.epoch and self.last_seq is not None:
-                if seq <= self.last_seq:
+        if seq.__class__ is int or (isinstance(seq, int) and not isinstance(seq, bool)):
+            last_seq = self.last_seq
+            if last_seq is not None and message.get("epoch") == self.epoch:
+                if seq <= last_seq:
                     self.duplicates += 1
                     return
-                if seq > self.last_seq + 1 and self._expects_every_seq():
+                if seq > last_seq + 1 and self._expects_every_seq():
                     self._gap(
                         {
                             "reason": "seq jump",
-                            "after_seq": self.last_seq,
+                            "after_seq": last_seq,
                             "seq": seq,
-                            "missing": seq - self.last_seq - 1,
+                            "missing": seq - last_seq - 1,
                             "epoch": self.epoch,
                         }
                     )

@@ -659,3 +659,116 @@ def test_concurrent_reader_never_sees_a_torn_row(max_rows: int | None) -> None:
     final = frame.df
     check(final, "final")
     assert len(final) + frame.dropped == total + total // 1000
+
+
+# -- row storage: appended rows move into the columns in chunks ------------------------------
+
+
+class _Kind(str, Enum):
+    DONE = "task.done"
+
+
+def _mixed(seq: int) -> dict[str, Any]:
+    """Every seventh message is one append cannot take in one step."""
+    message = event(seq, at=T0 + seq)
+    odd = seq % 7
+    if odd == 1:
+        del message["epoch"], message["project_id"]  # an old server: keys missing
+    elif odd == 2:
+        message["type"] = _Kind.DONE
+    elif odd == 3:
+        message["timestamp"] = datetime.fromtimestamp(T0 + seq, UTC)
+    elif odd == 4:
+        message["circle_id"] = f"c{seq}"  # ids that are not all integers: object
+    return message
+
+
+@pytest.mark.parametrize(
+    "rows", [0, 1, 5, frame_module.CHUNK_ROWS, 2 * frame_module.CHUNK_ROWS + 7]
+)
+def test_appended_rows_build_the_frame_extend_builds(rows: int) -> None:
+    """One append per message (rows settled in chunks) gives the same DataFrame, dtypes and
+    all, as the same messages through ``extend`` (straight into the columns)."""
+    appended = EventFrame(client_id="c")
+    extended = EventFrame(client_id="c")
+    for seq in range(rows):
+        appended.append(_mixed(seq), received_at=T0 + seq + 0.5)
+        extended.extend([_mixed(seq)], received_at=T0 + seq + 0.5)
+    assert len(appended) == rows and appended.version == rows
+    pdt.assert_frame_equal(appended.df, extended.df)
+    pdt.assert_frame_equal(appended.tail(3), extended.tail(3))
+    if rows:
+        assert appended.df["type"].iloc[-1] == _mixed(rows - 1)["type"]
+        assert (appended.df["circle_id"].dtype == "Int64") == (rows <= 4)
+
+
+def test_append_extend_and_clear_keep_their_order_across_chunks() -> None:
+    frame = EventFrame()
+    frame.append(event(0))
+    frame.extend([event(1), event(2)])  # the pending row goes first
+    for seq in range(3, 3 + frame_module.CHUNK_ROWS):
+        frame.append(event(seq))
+    frame.extend([event(-1)])
+    assert list(frame.df["seq"]) == [*range(3 + frame_module.CHUNK_ROWS), -1]
+    frame.clear()
+    frame.append(event(7))
+    assert list(frame.df["seq"]) == [7] and frame.df.index[0] == 0
+
+
+@pytest.mark.parametrize("max_rows", [1, 5, 100, 5000])
+def test_bounded_counts_and_len_include_rows_not_yet_settled(max_rows: int) -> None:
+    frame = EventFrame(max_rows=max_rows)
+    total = 1000
+    for seq in range(total):
+        frame.append(event(seq))
+        if seq in (0, 3, 499):  # reading in between settles what is pending
+            assert frame.dropped == max(0, seq + 1 - max_rows)
+            assert len(frame) == min(seq + 1, max_rows)
+    assert frame.dropped == max(0, total - max_rows)
+    assert len(frame) == min(total, max_rows)
+    df = frame.df
+    assert df.index[0] == frame.dropped
+    assert list(df["seq"]) == list(range(total - len(df), total))
+    # Not yet moved into the columns: never more than an eighth of max_rows on top.
+    assert len(frame._pending) <= max(1, max_rows // 8)
+
+
+def test_a_reader_thread_sees_every_appended_row_once_in_order() -> None:
+    """append takes no lock: a reader settling rows while the writer appends must neither
+    lose nor repeat nor reorder one, and a cached df must never hide a newer row."""
+    frame = EventFrame()
+    total = 30_000
+    done = threading.Event()
+    problems: list[str] = []
+
+    def write() -> None:
+        try:
+            for seq in range(total):
+                frame.append(event(seq), received_at=T0)
+        finally:
+            done.set()
+
+    writer = threading.Thread(target=write)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    writer.start()
+    reads = 0
+    try:
+        while not done.is_set() and reads < 5000:  # bounded
+            size = len(frame)
+            seqs = frame.tail(5)["seq"].tolist()
+            if seqs and seqs != list(range(seqs[0], seqs[0] + len(seqs))):
+                problems.append(f"tail {seqs}")
+            df = frame.df
+            if not np.array_equal(df["seq"].to_numpy(), np.arange(len(df))):
+                problems.append(f"df of {len(df)} rows is not 0..n-1 in order")
+            if len(df) < size:
+                problems.append(f"df has {len(df)} rows after len() said {size}")
+            reads += 1
+    finally:
+        writer.join(timeout=60)
+        sys.setswitchinterval(interval)
+    assert not writer.is_alive()
+    assert not problems, problems[:3]
+    assert reads > 0
+    assert list(frame.df["seq"]) == list(range(total)) and len(frame) == total
