@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import json
 import re
+import socket
 import sys
+import time
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 
+from gathering_lab import protocol
 from gathering_lab.backends import open_log
 from gathering_lab.events import Event
 from gathering_lab.testing import RedisServer, recv_json, recv_until, timeout, wait_for
@@ -309,3 +312,62 @@ async def test_serve_refuses_a_bad_max_publishes_in_flight(value: str) -> None:
     last = err.decode().strip().splitlines()[-1]
     assert "--max-publishes-in-flight" in last and "Traceback" not in err.decode()
     assert repr(value) in last or f" {value}:" in last
+
+
+def client_list(port: int) -> str:
+    """Redis's CLIENT LIST (a bulk reply), over a plain socket."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout(5)) as sock:
+        sock.sendall(b"CLIENT LIST\r\n")
+        reply = b""
+        while b"\r\n" not in reply:
+            reply += sock.recv(65536)
+        head, _, body = reply.partition(b"\r\n")
+        size = int(head[1:])
+        while len(body) < size:
+            chunk = sock.recv(65536)
+            assert chunk, "redis closed the connection"
+            body += chunk
+        return body[:size].decode()
+
+
+async def test_a_tail_asks_for_the_next_entries_before_delivering_a_batch(
+    redis_server: RedisServer,
+) -> None:
+    # The events come from a bare log (no tail of its own), so b's is the only tail.
+    log = open_log(redis_server.url)
+    await log.connect()
+
+    async def append(i: int) -> None:
+        envelope = Event(type="load.test", data={"i": i}).to_dict()
+        del envelope["seq"], envelope["epoch"]
+        await log.append(protocol.encode(envelope))
+
+    def tail_blocked() -> bool:
+        """Whether a tail connection is blocked in XREAD now (CLIENT LIST, flag b)."""
+        for line in client_list(redis_server.port).splitlines():
+            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            if fields.get("name", "").startswith("gathering-lab-tail"):
+                return fields.get("cmd") == "xread" and "b" in fields.get("flags", "")
+        return False
+
+    blocked_while_delivering: list[bool] = []
+
+    def handler(event: Event) -> None:
+        # Runs inside b's delivery of the batch, holding b's loop: only a request sent
+        # before the batch was delivered can be blocked in Redis meanwhile.
+        deadline = time.monotonic() + timeout(2)
+        while not tail_blocked() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        blocked_while_delivering.append(tail_blocked())
+
+    try:
+        async with node(redis_server.url) as b:
+            await append(0)
+            await wait_for(lambda: b.bus.last_seq >= 1)
+            b.bus.subscribe("load.*", handler)
+            for i in range(1, 4):
+                await append(i)
+                await wait_for(lambda i=i: len(blocked_while_delivering) == i)
+            assert blocked_while_delivering == [True, True, True]
+    finally:
+        await log.close()

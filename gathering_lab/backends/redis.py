@@ -679,6 +679,16 @@ class RedisLog(EventLog):
         # while catching up, and once per idle ``block`` (XREAD after "<last>-0" cannot see
         # a new epoch whose ids are still below it). XREAD mode blocks for new entries.
         use_script = True
+        # XREAD COUNT n BLOCK ms STREAMS key <id>, packed but for the id; sent_after is
+        # the id a request already on the connection reads after (-1: none).
+        xread = _pack("XREAD", "COUNT", TAIL_CHUNK, "BLOCK", block_ms, "STREAMS", stream, "")
+        xread = xread[: -len(b"$0\r\n\r\n")]
+
+        def xread_after(seq: int) -> bytes:
+            entry_id = b"%d-0" % seq
+            return b"%s$%d\r\n%s\r\n" % (xread, len(entry_id), entry_id)
+
+        sent_after = -1
         delay = self.backoff
         self._stats["tails"] += 1
         try:
@@ -713,18 +723,35 @@ class RedisLog(EventLog):
                         async with asyncio.timeout(
                             self.block + self.timeout + self.connect_timeout
                         ):
-                            reply: Any = await _call(
-                                conn, "XREAD", "COUNT", TAIL_CHUNK, "BLOCK", block_ms,
-                                "STREAMS", stream, b"%d-0" % last,
-                            )  # fmt: skip
+                            if sent_after != last:
+                                await conn.send_packed_command(
+                                    xread_after(last), check_health=False
+                                )
+                            sent_after = -1
+                            reply: Any = await conn.read_response()
                         batch = [_entry(item) for item in reply[0][1]] if reply else []
                         use_script = not batch
+                        if batch and all(entry.epoch == epoch for entry in batch):
+                            # Ask for what follows before delivering this batch: Redis
+                            # takes the request while it is still awake from the reply
+                            # (cheaper than waking it later) and the next read is already
+                            # under way. Only when the batch will not end XREAD mode (an
+                            # entry of another epoch does).
+                            after = batch[-1].seq
+                            try:
+                                await conn.send_packed_command(
+                                    xread_after(after), check_health=False
+                                )
+                                sent_after = after
+                            except _DOWN_ERRORS:  # sent with the next read, which reconnects
+                                sent_after = -1
                     if batch:
                         stats["tail_reads"] += 1
                         stats["tail_entries"] += len(batch)
                         if len(batch) > stats["tail_batch_max"]:
                             stats["tail_batch_max"] = len(batch)
                 except _DOWN_ERRORS as exc:
+                    sent_after = -1  # the connection was dropped with any request on it
                     stalled = isinstance(exc, RedisTimeoutError | asyncio.TimeoutError)
                     self._stats["tail_stalls" if stalled else "tail_reconnects"] += 1
                     logger.warning(
@@ -741,6 +768,7 @@ class RedisLog(EventLog):
                     delay = min(delay * 2, self.backoff_max)
                     continue
                 except RedisError as exc:
+                    sent_after = -1
                     self._stats["tail_errors"] += 1
                     logger.error("event log tail on %s failed: %s; retrying", self.where, exc)
                     use_script = True
