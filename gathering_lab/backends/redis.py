@@ -35,7 +35,8 @@ and redis-py's own retries are off (an append is not retried blindly: it might b
 twice). An append whose connection broke is retried once, and the script looks for the
 first try's token before adding it again. A tail blocks in ``XREAD`` on its own
 connection for at most ``block`` seconds; a read that does not answer within
-``block + timeout`` is a stalled listener: it is logged, counted (``tail_stalls``) and
+``block + timeout + connect_timeout`` (checked by one watchdog timer per tail, every quarter
+of that) is a stalled listener: it is logged, counted (``tail_stalls``) and
 the tail reconnects and reads on from the last id it yielded, as it does after any lost
 connection (``tail_reconnects``); either makes the node check Redis on its main
 connection (and turn degraded if it does not answer).
