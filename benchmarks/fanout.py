@@ -582,11 +582,11 @@ def machine_info() -> dict[str, Any]:
                 model = line.split(":", 1)[1].strip()
                 break
     versions: dict[str, str] = {}
-    for mod in ("websockets", "fastapi", "uvicorn", "starlette"):
+    for mod in ("websockets", "fastapi", "uvicorn", "starlette", "redis", "hiredis"):
         try:
             versions[mod] = __import__(mod).__version__
         except Exception:
-            versions[mod] = "n/a"
+            versions[mod] = "n/a"  # hiredis: absent, or hidden (the servers inherit this env)
     commit = (
         subprocess.run(
             ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, check=False
@@ -615,7 +615,8 @@ def render(meta: dict[str, Any], summary: list[dict], ratios: list[dict], checks
         "",
         f"Machine: {m['nproc']} CPUs, {m['cpu_model']}, Linux {m['kernel']}, "
         f"Python {m['python']}, websockets {m['websockets']}, fastapi {m['fastapi']}, "
-        f"uvicorn {m['uvicorn']}; load average {m['loadavg_at_start'][0]:.2f} at start, "
+        f"uvicorn {m['uvicorn']}, redis-py {m.get('redis', 'n/a')}, "
+        f"hiredis {m.get('hiredis', 'n/a')}; load average {m['loadavg_at_start'][0]:.2f} at start, "
         f"{meta['loadavg_at_end'][0]:.2f} at end; "
         f"git {m['git']}. Reps per cell: {meta['reps']} (median shown; lost/dup/ooo summed "
         f"over reps). Payload ~{meta['payload_bytes']} B of JSON per event. "

@@ -145,6 +145,7 @@ def _add_limit_arguments(serve: argparse.ArgumentParser) -> None:
         DEFAULT_PUBLISH_RATE,
         MESSAGE_RATE_FACTOR,
     )
+    from .websocket.publishing import DEFAULT_MAX_PUBLISHES_IN_FLIGHT
 
     group = serve.add_argument_group(
         "admission and rate limits",
@@ -207,6 +208,15 @@ def _add_limit_arguments(serve: argparse.ArgumentParser) -> None:
         metavar="N",
         help=f"messages read at once above that rate (default {MESSAGE_RATE_FACTOR} x the "
         "publish burst)",
+    )
+    group.add_argument(
+        "--max-publishes-in-flight",
+        type=_positive_int,
+        default=DEFAULT_MAX_PUBLISHES_IN_FLIGHT,
+        metavar="N",
+        help=f"on a shared --bus redis://... log, publishes one connection may have sent and "
+        f"not yet had answered; its next message is read once one is (default "
+        f"{DEFAULT_MAX_PUBLISHES_IN_FLIGHT})",
     )
 
 
@@ -1183,6 +1193,7 @@ async def _serve(args: argparse.Namespace) -> int:
             publish_burst=args.publish_burst,
             message_rate=args.message_rate,
             message_burst=args.message_burst,
+            max_publishes_in_flight=args.max_publishes_in_flight,
         )
     except (OSError, ValueError) as exc:  # PortInUseError is an OSError
         if bus is not event_bus:

@@ -10,11 +10,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
+import socket
+import sys
+import time
+import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 
+from gathering_lab import protocol
 from gathering_lab.backends import open_log
 from gathering_lab.events import Event
 from gathering_lab.testing import RedisServer, recv_json, recv_until, timeout, wait_for
@@ -214,3 +223,151 @@ async def test_events_appended_together_reach_a_client_of_another_node_in_one_wr
             assert answered == [None] * count
             assert b.bus.get_stats()["own_events_delivered"] == 0  # b decoded them: not its own
             assert a.bus.get_stats()["own_events_delivered"] >= count
+
+
+@contextlib.asynccontextmanager
+async def serve_process(log: Path, *args: str) -> AsyncIterator[int]:
+    """``gathering-lab serve --port 0 ARGS`` in a subprocess; yields its port, stopped after."""
+    with log.open("wb") as err:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gathering_lab", "serve", "--port", "0", *args,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err,
+        )  # fmt: skip
+        try:
+            assert process.stdout is not None
+            port = 0
+            while not port:
+                line = await asyncio.wait_for(process.stdout.readline(), timeout(30))
+                assert line, log.read_text()
+                if match := re.search(rb"ws://127\.0\.0\.1:(\d+)/", line):
+                    port = int(match.group(1))
+            yield port
+        finally:
+            if process.returncode is None:
+                process.terminate()
+                try:
+                    await asyncio.wait_for(process.wait(), timeout(10))
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
+
+
+async def http_get(port: int, path: str) -> bytes:
+    """The body of a bounded GET to the server on ``port`` (urllib, in a thread)."""
+
+    def get() -> bytes:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout(10)) as r:
+            body: bytes = r.read()
+            return body
+
+    return await asyncio.to_thread(get)
+
+
+async def test_serve_flag_bounds_publishes_in_flight_and_reports_it(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    count = 60
+    flags = ("--bus", redis_server.url, "--max-publishes-in-flight", "3")
+    async with serve_process(tmp_path / "serve.log", *flags) as port:
+        pub = await greeted(f"ws://127.0.0.1:{port}/ws/dashboard")
+        async with pub:
+            for i in range(count):  # no wait for answers: at most 3 of them in flight
+                await pub.send(publish_frame(i))
+            await pub.send(json.dumps({"type": "ping", "id": "after"}))
+            got = await recv_until(pub, lambda m: m["type"] == "pong", wait=20)
+            answers = [m for m in got if m["type"] in ("published", "error", "pong")]
+            assert [m["id"] for m in answers] == [f"p{i}" for i in range(count)] + ["after"]
+            assert [m["type"] for m in answers[:-1]] == ["published"] * count
+        stats = json.loads(await http_get(port, "/admin/websocket/stats"))
+        assert stats["max_publishes_in_flight"] == 3
+        assert stats["publishes_held"] >= 1  # the 4th publish already waited
+        text = (await http_get(port, "/metrics")).decode()
+        samples = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+        assert samples["gathering_lab_max_publishes_in_flight"] == 3
+        assert samples["gathering_lab_publishes_held_total"] == stats["publishes_held"]
+
+
+async def test_serve_flag_default_is_in_the_stats(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    async with serve_process(tmp_path / "serve.log", "--bus", redis_server.url) as port:
+        stats = json.loads(await http_get(port, "/admin/websocket/stats"))
+    assert stats["max_publishes_in_flight"] == 256 and stats["publishes_held"] == 0
+
+
+@pytest.mark.parametrize("value", ["0", "-4", "many"])
+async def test_serve_refuses_a_bad_max_publishes_in_flight(value: str) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gathering_lab", "serve", "--port", "0",
+        "--max-publishes-in-flight", value,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), timeout(20))
+    assert process.returncode == 2 and out == b""
+    last = err.decode().strip().splitlines()[-1]
+    assert "--max-publishes-in-flight" in last and "Traceback" not in err.decode()
+    assert repr(value) in last or f" {value}:" in last
+
+
+def client_list(port: int) -> str:
+    """Redis's CLIENT LIST (a bulk reply), over a plain socket."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout(5)) as sock:
+        sock.sendall(b"CLIENT LIST\r\n")
+        reply = b""
+        while b"\r\n" not in reply:
+            reply += sock.recv(65536)
+        head, _, body = reply.partition(b"\r\n")
+        size = int(head[1:])
+        while len(body) < size:
+            chunk = sock.recv(65536)
+            assert chunk, "redis closed the connection"
+            body += chunk
+        return body[:size].decode()
+
+
+async def test_a_tail_asks_for_the_next_entries_before_delivering_a_batch(
+    redis_server: RedisServer,
+) -> None:
+    # The events come from a bare log (no tail of its own), so b's is the only tail.
+    log = open_log(redis_server.url)
+    await log.connect()
+
+    async def append(i: int) -> None:
+        envelope = Event(type="load.test", data={"i": i}).to_dict()
+        del envelope["seq"], envelope["epoch"]
+        await log.append(protocol.encode(envelope))
+
+    def tail_blocked() -> bool:
+        """Whether a tail connection is blocked in XREAD now (CLIENT LIST, flag b)."""
+        for line in client_list(redis_server.port).splitlines():
+            fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+            if fields.get("name", "").startswith("gathering-lab-tail"):
+                return fields.get("cmd") == "xread" and "b" in fields.get("flags", "")
+        return False
+
+    blocked_while_delivering: list[bool] = []
+
+    def handler(event: Event) -> None:
+        # Runs inside b's delivery of the batch, holding b's loop: only a request sent
+        # before the batch was delivered can be blocked in Redis meanwhile.
+        deadline = time.monotonic() + timeout(2)
+        while not tail_blocked() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        blocked_while_delivering.append(tail_blocked())
+
+    try:
+        async with node(redis_server.url) as b:
+            await append(0)
+            await wait_for(lambda: b.bus.last_seq >= 1)
+            b.bus.subscribe("load.*", handler)
+            for i in range(1, 4):
+                await append(i)
+                await wait_for(lambda i=i: len(blocked_while_delivering) == i)
+            assert blocked_while_delivering == [True, True, True]
+    finally:
+        await log.close()

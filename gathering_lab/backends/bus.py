@@ -369,7 +369,7 @@ class LogBus(EventBus):
     def _decode(self, entry: LogEntry) -> Event | None:
         """The event an entry holds (its wire form spliced with seq and epoch), or None."""
         try:
-            event = Event.from_dict(json.loads(entry.payload))
+            event = Event.from_dict(protocol.loads(entry.payload))  # orjson, exact ints
         except (ValueError, TypeError) as exc:
             self._invalid += 1
             logger.error("skipped log entry %d: not an event envelope (%s)", entry.seq, exc)

@@ -35,7 +35,8 @@ and redis-py's own retries are off (an append is not retried blindly: it might b
 twice). An append whose connection broke is retried once, and the script looks for the
 first try's token before adding it again. A tail blocks in ``XREAD`` on its own
 connection for at most ``block`` seconds; a read that does not answer within
-``block + timeout`` is a stalled listener: it is logged, counted (``tail_stalls``) and
+``block + timeout + connect_timeout`` (checked by one watchdog timer per tail, every quarter
+of that) is a stalled listener: it is logged, counted (``tail_stalls``) and
 the tail reconnects and reads on from the last id it yielded, as it does after any lost
 connection (``tail_reconnects``); either makes the node check Redis on its main
 connection (and turn degraded if it does not answer).
@@ -234,6 +235,46 @@ async def _call(conn: Any, *args: Any) -> Any:
     """Send one command on a held connection and read its reply as the parser gives it."""
     await conn.send_packed_command(_pack(*args), check_health=False)
     return await conn.read_response()
+
+
+class _Watchdog:
+    """Cancels a task whose read has been under way for ``limit`` seconds or more.
+
+    One timer per tail, checked every ``limit / 4`` seconds, instead of a timer made and
+    cancelled for every read (``asyncio.timeout``): a stalled read is found between
+    ``limit`` and ``1.25 * limit`` after it began. Set :attr:`since` when a read begins and
+    None when it ends; after a CancelledError, :meth:`expired` tells whether it was this
+    watchdog's (and then takes the cancellation back, as ``asyncio.timeout`` does).
+    """
+
+    __slots__ = ("task", "limit", "since", "_fired", "_base", "_loop", "_handle")
+
+    def __init__(self, task: asyncio.Task[Any], limit: float) -> None:
+        self.task = task
+        self.limit = limit
+        self.since: float | None = None
+        self._fired = False
+        self._base = task.cancelling()
+        self._loop = asyncio.get_running_loop()
+        self._handle = self._loop.call_later(limit / 4, self._check)
+
+    def _check(self) -> None:
+        since = self.since
+        if since is not None and not self._fired and self._loop.time() - since >= self.limit:
+            self._fired = True
+            self.task.cancel()
+        self._handle = self._loop.call_later(self.limit / 4, self._check)
+
+    def expired(self) -> bool:
+        """Whether the CancelledError being handled is this watchdog's (then uncancelled)."""
+        if not self._fired:
+            return False
+        self._fired = False
+        return self.task.uncancel() <= self._base
+
+    def close(self) -> None:
+        """Stop checking."""
+        self._handle.cancel()
 
 
 class RedisLog(EventLog):
@@ -665,6 +706,9 @@ class RedisLog(EventLog):
         """
         check_read_args(after_seq, 1)
         self._require_client()
+        task = asyncio.current_task()
+        if task is None:
+            raise RuntimeError("RedisLog.tail() must be iterated in a task")
         client = self._new_client(f"gathering-lab-tail:{self.name}", 1)
         # The tail holds its one connection and talks to it directly: no pool, retry or
         # reply-callback layers per read (a read per delivered batch is the hot path).
@@ -672,13 +716,24 @@ class RedisLog(EventLog):
         read_script = self._read_script
         block_ms = int(self.block * 1000)
         stats = self._stats
-        task = asyncio.current_task()
         stream = self.keys[0]
         last = after_seq
         # Script mode reads a chunk atomically with the epoch: at the start, after a fault,
         # while catching up, and once per idle ``block`` (XREAD after "<last>-0" cannot see
         # a new epoch whose ids are still below it). XREAD mode blocks for new entries.
         use_script = True
+        # XREAD COUNT n BLOCK ms STREAMS key <id>, packed but for the id; sent_after is
+        # the id a request already on the connection reads after (-1: none).
+        xread = _pack("XREAD", "COUNT", TAIL_CHUNK, "BLOCK", block_ms, "STREAMS", stream, "")
+        xread = xread[: -len(b"$0\r\n\r\n")]
+
+        def xread_after(seq: int) -> bytes:
+            entry_id = b"%d-0" % seq
+            return b"%s$%d\r\n%s\r\n" % (xread, len(entry_id), entry_id)
+
+        sent_after = -1
+        loop = asyncio.get_running_loop()
+        watchdog = _Watchdog(task, self.block + self.timeout + self.connect_timeout)
         delay = self.backoff
         self._stats["tails"] += 1
         try:
@@ -710,21 +765,45 @@ class RedisLog(EventLog):
                         batch = chunk.entries
                         use_script = len(batch) == TAIL_CHUNK
                     else:
-                        async with asyncio.timeout(
-                            self.block + self.timeout + self.connect_timeout
-                        ):
-                            reply: Any = await _call(
-                                conn, "XREAD", "COUNT", TAIL_CHUNK, "BLOCK", block_ms,
-                                "STREAMS", stream, b"%d-0" % last,
-                            )  # fmt: skip
-                        batch = [_entry(item) for item in reply[0][1]] if reply else []
-                        use_script = not batch
+                        watchdog.since = loop.time()
+                        try:
+                            if sent_after != last:
+                                await conn.send_packed_command(
+                                    xread_after(last), check_health=False
+                                )
+                            sent_after = -1
+                            reply: Any = await conn.read_response()
+                            batch = [_entry(item) for item in reply[0][1]] if reply else []
+                            use_script = not batch
+                            if batch and all(entry.epoch == epoch for entry in batch):
+                                # Ask for what follows before delivering this batch: Redis
+                                # takes the request while it is still awake from the reply
+                                # (cheaper than waking it later) and the next read is
+                                # already under way. Only when the batch will not end XREAD
+                                # mode (an entry of another epoch does).
+                                after = batch[-1].seq
+                                try:
+                                    await conn.send_packed_command(
+                                        xread_after(after), check_health=False
+                                    )
+                                    sent_after = after
+                                except _DOWN_ERRORS:  # sent with the next read (reconnects)
+                                    sent_after = -1
+                        except asyncio.CancelledError:
+                            if watchdog.expired():  # redis-py dropped the connection
+                                raise TimeoutError(
+                                    f"no answer to XREAD within {watchdog.limit:g}s"
+                                ) from None
+                            raise
+                        finally:
+                            watchdog.since = None
                     if batch:
                         stats["tail_reads"] += 1
                         stats["tail_entries"] += len(batch)
                         if len(batch) > stats["tail_batch_max"]:
                             stats["tail_batch_max"] = len(batch)
                 except _DOWN_ERRORS as exc:
+                    sent_after = -1  # the connection was dropped with any request on it
                     stalled = isinstance(exc, RedisTimeoutError | asyncio.TimeoutError)
                     self._stats["tail_stalls" if stalled else "tail_reconnects"] += 1
                     logger.warning(
@@ -741,13 +820,14 @@ class RedisLog(EventLog):
                     delay = min(delay * 2, self.backoff_max)
                     continue
                 except RedisError as exc:
+                    sent_after = -1
                     self._stats["tail_errors"] += 1
                     logger.error("event log tail on %s failed: %s; retrying", self.where, exc)
                     use_script = True
                     await asyncio.sleep(delay * random.uniform(0.5, 1.0))
                     delay = min(delay * 2, self.backoff_max)
                     continue
-                if task is not None and task.cancelling():
+                if task.cancelling():
                     # cancelled, but a library swallowed the CancelledError: end anyway
                     raise asyncio.CancelledError
                 delay = self.backoff
@@ -766,6 +846,7 @@ class RedisLog(EventLog):
                     last = entry.seq
                     yield entry
         finally:
+            watchdog.close()
             self._stats["tails"] -= 1
             await conn.disconnect()
             await client.connection_pool.release(conn)

@@ -36,6 +36,11 @@ _STATS_COUNTERS = (
     ("publishes_rate_limited", "Publishes answered rate_limited", "publishes_rate_limited"),
     ("publishes_unavailable", "Publishes answered unavailable (log down)", "publishes_unavailable"),
     ("messages_throttled", "Client messages read later (message rate)", "messages_throttled"),
+    (
+        "publishes_held",
+        "Times a client's next message waited for a publish in flight to be answered",
+        "publishes_held",
+    ),
     ("bad_requests", "HTTP requests answered 400", "bad_requests"),
     ("accept_errors", "accept() failures (descriptors, memory)", "accept_errors"),
 )
@@ -77,6 +82,12 @@ class StatsCollector(Collector):
             yield CounterMetricFamily(_PREFIX + name, text, value=_number(node.get(key)))
         for name, text, key in _STATS_COUNTERS:
             yield CounterMetricFamily(_PREFIX + name, text, value=_number(stats.get(key)))
+        if "max_publishes_in_flight" in stats:
+            yield gauge(
+                _PREFIX + "max_publishes_in_flight",
+                "Publishes one connection may have in flight on a shared log",
+                value=_number(stats["max_publishes_in_flight"]),
+            )
         codes = CounterMetricFamily(
             _PREFIX + "close_codes", "Client connections ended, by close code", labels=["code"]
         )
