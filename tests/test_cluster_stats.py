@@ -40,9 +40,9 @@ TTL = REPORT_INTERVAL * TTL_INTERVALS
 
 
 @contextlib.asynccontextmanager
-async def node(url: str) -> AsyncIterator[Server]:
+async def node(url: str, **options: Any) -> AsyncIterator[Server]:
     """A server with its own manager and a bus on the log at ``url``; closed (bus too) after."""
-    server = await serve(port=0, bus=url, manager=ConnectionManager())
+    server = await serve(port=0, bus=url, manager=ConnectionManager(), **options)
     try:
         yield server
     finally:

@@ -21,30 +21,13 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from websockets.asyncio.client import ClientConnection, connect
+from test_cluster_stats import greeted, node  # tests/ is on sys.path
+from websockets.asyncio.client import ClientConnection
 
 from gathering_lab import protocol
 from gathering_lab.backends import open_log
 from gathering_lab.events import Event
 from gathering_lab.testing import RedisServer, recv_json, recv_until, timeout, wait_for
-from gathering_lab.websocket import ConnectionManager, Server, serve
-
-
-@contextlib.asynccontextmanager
-async def node(url: str, **options: Any) -> AsyncIterator[Server]:
-    """A server with its own manager and a bus on the log at ``url``; closed (bus too) after."""
-    server = await serve(port=0, bus=url, manager=ConnectionManager(), **options)
-    try:
-        yield server
-    finally:
-        server.close()
-        await server.wait_closed()
-
-
-async def greeted(url: str) -> ClientConnection:
-    ws = await connect(url, max_size=None)
-    assert (await recv_json(ws))["type"] == "connection.established"
-    return ws
 
 
 def publish_frame(i: int) -> str:
