@@ -45,6 +45,8 @@ def test_url_options_reach_the_log_and_the_bus_and_redis_py_keeps_its_own() -> N
     )
     assert (log.backoff, log.backoff_max, log.max_connections) == (0.1, 3.0, 4)
     assert bus.delivery_timeout == 2.5
+    options = bus.get_stats()["log"]["options"]  # all of them in the stats, the bus's too
+    assert (options["maxlen"], options["delivery_timeout"], options["block"]) == (50, 2.5, 1.0)
     assert log.keys[0] == "{gathering-lab:orders}:stream"
     # redis-py's own options stay in the URL its pool is made from; ours are gone.
     assert log.url == "redis://127.0.0.1:6379/0?db=3&client_name=me&health_check_interval=10"
