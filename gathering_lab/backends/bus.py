@@ -668,8 +668,9 @@ class LogBus(EventBus):
         )
         log_stats = getattr(self.log, "stats", None)
         stats["log"] = log_stats() if callable(log_stats) else {}
-        if isinstance(stats["log"].get("options"), dict):  # the bus URL's options, all in one place
-            stats["log"]["options"]["delivery_timeout"] = self.delivery_timeout
+        options = stats["log"].get("options")
+        if isinstance(options, dict):  # the bus URL's options in one place (a copy: not the log's)
+            stats["log"]["options"] = {**options, "delivery_timeout": self.delivery_timeout}
         return stats
 
     def reset(self) -> None:
