@@ -35,7 +35,6 @@ Nodes = Callable[..., Awaitable[list[EventLog]]]
 @pytest.fixture(params=["memory", "redis"])
 async def nodes(request: pytest.FixtureRequest) -> AsyncIterator[Nodes]:
     """Open ``n`` connected handles ("nodes") on one shared log of the backend."""
-    opened: list[EventLog] = []
     if request.param == "memory":
         url = f"memory://{uuid.uuid4().hex}"
         base: dict[str, Any] = {}
@@ -43,6 +42,21 @@ async def nodes(request: pytest.FixtureRequest) -> AsyncIterator[Nodes]:
         server: RedisServer = request.getfixturevalue("redis_server")
         url = server.url
         base = dict(FAST)
+    async with _opener(url, base) as make:
+        yield make
+
+
+@pytest.fixture
+async def redis_nodes(redis_server: RedisServer) -> AsyncIterator[Nodes]:
+    """Like ``nodes``, for Redis only."""
+    async with _opener(redis_server.url, FAST) as make:
+        yield make
+
+
+@contextlib.asynccontextmanager
+async def _opener(url: str, base: dict[str, Any]) -> AsyncIterator[Nodes]:
+    """A ``make(n, **options)`` that opens ``n`` connected logs at ``url``; all closed after."""
+    opened: list[EventLog] = []
 
     async def make(n: int = 1, **options: Any) -> list[EventLog]:
         logs = [open_log(url, **{**base, **options}) for _ in range(n)]
@@ -51,26 +65,11 @@ async def nodes(request: pytest.FixtureRequest) -> AsyncIterator[Nodes]:
         opened.extend(logs)
         return logs
 
-    yield make
-    for log in opened:
-        await log.close()
-
-
-@pytest.fixture
-async def redis_nodes(redis_server: RedisServer) -> AsyncIterator[Nodes]:
-    """Like ``nodes``, for Redis only."""
-    opened: list[EventLog] = []
-
-    async def make(n: int = 1, **options: Any) -> list[EventLog]:
-        logs = [open_log(redis_server.url, **{**FAST, **options}) for _ in range(n)]
-        for log in logs:
-            await log.connect()
-        opened.extend(logs)
-        return logs
-
-    yield make
-    for log in opened:
-        await log.close()
+    try:
+        yield make
+    finally:
+        for log in opened:
+            await log.close()
 
 
 @contextlib.asynccontextmanager

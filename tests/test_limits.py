@@ -348,26 +348,30 @@ async def test_a_publish_flood_does_not_monopolise_the_loop(bus: EventBus) -> No
 
 @contextlib.asynccontextmanager
 async def serve_process(
-    log: Path, nofile: int, *args: str, hard: int | None = None
+    log: Path, nofile: int | None, *args: str, hard: int | None = None
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
-    """``gathering-lab serve --port 0 ARGS`` with a soft RLIMIT_NOFILE of ``nofile``.
+    """``gathering-lab serve --port 0 ARGS`` in a subprocess, its stderr to ``log``; yields the
+    process and its port, stopped after.
 
-    The hard limit is ``hard``, by default ``nofile`` too (so serve cannot raise it).
+    With ``nofile``, its soft RLIMIT_NOFILE is ``nofile`` and the hard limit ``hard``, by
+    default ``nofile`` too (so serve cannot raise it).
     """
 
     def limit() -> None:
+        assert nofile is not None
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard or nofile))
 
     with log.open("wb") as err:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gathering_lab", "serve", "--port", "0", *args,
-            stdout=asyncio.subprocess.PIPE, stderr=err, preexec_fn=limit,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err,
+            preexec_fn=None if nofile is None else limit,
         )  # fmt: skip
         try:
             assert process.stdout is not None
             port = 0
             while not port:
-                line = await asyncio.wait_for(process.stdout.readline(), timeout(20))
+                line = await asyncio.wait_for(process.stdout.readline(), timeout(30))
                 assert line, log.read_text()
                 if match := re.search(rb"ws://127\.0\.0\.1:(\d+)/", line):
                     port = int(match.group(1))

@@ -8,20 +8,18 @@ in flight: they go to the log together, in order, and each answer follows its ow
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import re
 import socket
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_cluster_stats import greeted, node  # tests/ is on sys.path
+from test_limits import serve_process
 from websockets.asyncio.client import ClientConnection
 
 from gathering_lab import protocol
@@ -208,33 +206,6 @@ async def test_events_appended_together_reach_a_client_of_another_node_in_one_wr
             assert a.bus.get_stats()["own_events_delivered"] >= count
 
 
-@contextlib.asynccontextmanager
-async def serve_process(log: Path, *args: str) -> AsyncIterator[int]:
-    """``gathering-lab serve --port 0 ARGS`` in a subprocess; yields its port, stopped after."""
-    with log.open("wb") as err:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gathering_lab", "serve", "--port", "0", *args,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=err,
-        )  # fmt: skip
-        try:
-            assert process.stdout is not None
-            port = 0
-            while not port:
-                line = await asyncio.wait_for(process.stdout.readline(), timeout(30))
-                assert line, log.read_text()
-                if match := re.search(rb"ws://127\.0\.0\.1:(\d+)/", line):
-                    port = int(match.group(1))
-            yield port
-        finally:
-            if process.returncode is None:
-                process.terminate()
-                try:
-                    await asyncio.wait_for(process.wait(), timeout(10))
-                except TimeoutError:
-                    process.kill()
-                    await process.wait()
-
-
 async def http_get(port: int, path: str) -> bytes:
     """The body of a bounded GET to the server on ``port`` (urllib, in a thread)."""
 
@@ -251,7 +222,7 @@ async def test_serve_flag_bounds_publishes_in_flight_and_reports_it(
 ) -> None:
     count = 60
     flags = ("--bus", redis_server.url, "--max-publishes-in-flight", "3")
-    async with serve_process(tmp_path / "serve.log", *flags) as port:
+    async with serve_process(tmp_path / "serve.log", None, *flags) as (_, port):
         pub = await greeted(f"ws://127.0.0.1:{port}/ws/dashboard")
         async with pub:
             for i in range(count):  # no wait for answers: at most 3 of them in flight
@@ -277,7 +248,7 @@ async def test_serve_flag_bounds_publishes_in_flight_and_reports_it(
 async def test_serve_flag_default_is_in_the_stats(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    async with serve_process(tmp_path / "serve.log", "--bus", redis_server.url) as port:
+    async with serve_process(tmp_path / "serve.log", None, "--bus", redis_server.url) as (_, port):
         stats = json.loads(await http_get(port, "/admin/websocket/stats"))
     assert stats["max_publishes_in_flight"] == 256 and stats["publishes_held"] == 0
 
