@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from gathering_lab.backends import EventLog, LogEntry, open_log
+from gathering_lab.backends import EventLog, LogEntry, open_log, redis_tail
 from gathering_lab.exceptions import BackendUnavailable, GatheringLabError
 from gathering_lab.testing import RedisServer, timeout, wait_for
 
@@ -44,6 +44,17 @@ async def nodes(request: pytest.FixtureRequest) -> AsyncIterator[Nodes]:
         base = dict(FAST)
     async with _opener(url, base) as make:
         yield make
+
+
+@pytest.fixture(params=["hiredis", "redis-py"])
+def tail_reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which connection a Redis tail reads through (hiredis' own protocol, or redis-py's)."""
+    if request.param == "hiredis":
+        pytest.importorskip("hiredis")
+    else:
+        monkeypatch.setattr(redis_tail, "USE_HIREDIS", False)
+    kind: str = request.param
+    return kind
 
 
 @pytest.fixture
@@ -403,7 +414,7 @@ async def _append_when_up(log: EventLog, payload: bytes, wait: float = 10) -> tu
 
 
 async def test_a_tail_survives_client_kill_without_loss(
-    redis_nodes: Nodes, redis_server: RedisServer
+    redis_nodes: Nodes, redis_server: RedisServer, tail_reader: str
 ) -> None:
     writer, reader = await redis_nodes(2)
     async with following(reader) as seen:
@@ -419,6 +430,7 @@ async def test_a_tail_survives_client_kill_without_loss(
     assert [e.seq for e in seen] == list(range(1, 41)), "every entry once, in order"
     assert [e.payload for e in seen] == [b"%d" % i for i in range(40)]
     assert reader.stats()["tail_reconnects"] >= 1  # type: ignore[attr-defined]
+    assert reader.stats()["tail_reader"] == tail_reader  # type: ignore[attr-defined]
     stats = writer.stats()  # type: ignore[attr-defined]
     assert stats["append_retries"] >= 1 and stats["append_refused"] == 0
     assert reader.health == writer.health == "ok"
@@ -451,7 +463,7 @@ async def test_an_append_retried_after_a_lost_reply_is_in_the_log_once(
 
 
 async def test_redis_killed_and_restarted_with_its_aof_keeps_the_epoch(
-    redis_nodes: Nodes, redis_server: RedisServer
+    redis_nodes: Nodes, redis_server: RedisServer, tail_reader: str
 ) -> None:
     writer, reader = await redis_nodes(2)
     for i in range(50):
@@ -496,7 +508,10 @@ async def test_append_while_redis_is_down_raises_within_a_bounded_time(
 
 
 async def test_a_hung_redis_is_a_stall_detected_and_counted(
-    redis_nodes: Nodes, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+    redis_nodes: Nodes,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+    tail_reader: str,
 ) -> None:
     writer, reader = await redis_nodes(2)
     await writer.append(b"before")
@@ -523,7 +538,10 @@ async def test_a_hung_redis_is_a_stall_detected_and_counted(
 
 
 async def test_a_tail_that_fails_is_logged_counted_and_retried(
-    redis_nodes: Nodes, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+    redis_nodes: Nodes,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+    tail_reader: str,
 ) -> None:
     writer, reader = await redis_nodes(2)
     await writer.append(b"1")

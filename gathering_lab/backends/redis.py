@@ -74,6 +74,7 @@ from .base import (
     check_read_args,
     is_gap,
 )
+from .redis_tail import TailConnection, open_tail
 
 __all__ = ["RedisLog"]
 
@@ -537,6 +538,14 @@ class RedisLog(EventLog):
             )
         self._reconnector = None
 
+    async def _drop_tail(self, tc: TailConnection) -> None:
+        """Close a tail's connection (bounded: a stalled close must not stall the tail)."""
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                await tc.drop()
+        except _DOWN_ERRORS + (RedisError,) as exc:
+            logger.debug("closing a tail connection to %s: %s", self.where, exc)
+
     def _probe(self) -> None:
         """Check Redis with the main connection (a tail's loss may be its own connection's)."""
         if self._health == "ok" and self._prober is None:
@@ -711,8 +720,10 @@ class RedisLog(EventLog):
             raise RuntimeError("RedisLog.tail() must be iterated in a task")
         client = self._new_client(f"gathering-lab-tail:{self.name}", 1)
         # The tail holds its one connection and talks to it directly: no pool, retry or
-        # reply-callback layers per read (a read per delivered batch is the hot path).
-        conn = await client.connection_pool.get_connection()
+        # reply-callback layers per read (a read per delivered batch is the hot path), and
+        # with hiredis no stream reader or task switch either (redis_tail.py).
+        tc = open_tail(await client.connection_pool.get_connection())
+        self._stats["tail_reader"] = tc.kind
         read_script = self._read_script
         block_ms = int(self.block * 1000)
         stats = self._stats
@@ -742,14 +753,13 @@ class RedisLog(EventLog):
                     if use_script:
                         args = [secrets.token_hex(6), last, TAIL_CHUNK, epoch or ""]
                         async with asyncio.timeout(self.timeout + self.connect_timeout):
+                            await tc.connect()
+                            tc.send(_pack("EVALSHA", read_script.sha, 2, *self.keys, *args))
                             try:
-                                raw = await _call(
-                                    conn, "EVALSHA", read_script.sha, 2, *self.keys, *args
-                                )
+                                raw = await tc.reply()
                             except NoScriptError:  # a restarted Redis without its scripts
-                                raw = await _call(
-                                    conn, "EVAL", read_script.script, 2, *self.keys, *args
-                                )
+                                tc.send(_pack("EVAL", read_script.script, 2, *self.keys, *args))
+                                raw = await tc.reply()
                         chunk = self._read_result(raw, last, epoch)
                         if epoch is not None and chunk.epoch != epoch:
                             logger.warning(
@@ -768,11 +778,9 @@ class RedisLog(EventLog):
                         watchdog.since = loop.time()
                         try:
                             if sent_after != last:
-                                await conn.send_packed_command(
-                                    xread_after(last), check_health=False
-                                )
+                                tc.send(xread_after(last))
                             sent_after = -1
-                            reply: Any = await conn.read_response()
+                            reply: Any = await tc.reply()
                             batch = [_entry(item) for item in reply[0][1]] if reply else []
                             use_script = not batch
                             if batch and all(entry.epoch == epoch for entry in batch):
@@ -782,15 +790,11 @@ class RedisLog(EventLog):
                                 # already under way. Only when the batch will not end XREAD
                                 # mode (an entry of another epoch does).
                                 after = batch[-1].seq
-                                try:
-                                    await conn.send_packed_command(
-                                        xread_after(after), check_health=False
-                                    )
-                                    sent_after = after
-                                except _DOWN_ERRORS:  # sent with the next read (reconnects)
-                                    sent_after = -1
+                                tc.send(xread_after(after))
+                                sent_after = after
+                                await tc.flush()
                         except asyncio.CancelledError:
-                            if watchdog.expired():  # redis-py dropped the connection
+                            if watchdog.expired():
                                 raise TimeoutError(
                                     f"no answer to XREAD within {watchdog.limit:g}s"
                                 ) from None
@@ -803,7 +807,8 @@ class RedisLog(EventLog):
                         if len(batch) > stats["tail_batch_max"]:
                             stats["tail_batch_max"] = len(batch)
                 except _DOWN_ERRORS as exc:
-                    sent_after = -1  # the connection was dropped with any request on it
+                    sent_after = -1  # the connection is dropped with any request on it
+                    await self._drop_tail(tc)
                     stalled = isinstance(exc, RedisTimeoutError | asyncio.TimeoutError)
                     self._stats["tail_stalls" if stalled else "tail_reconnects"] += 1
                     logger.warning(
@@ -821,6 +826,7 @@ class RedisLog(EventLog):
                     continue
                 except RedisError as exc:
                     sent_after = -1
+                    await self._drop_tail(tc)
                     self._stats["tail_errors"] += 1
                     logger.error("event log tail on %s failed: %s; retrying", self.where, exc)
                     use_script = True
@@ -848,6 +854,6 @@ class RedisLog(EventLog):
         finally:
             watchdog.close()
             self._stats["tails"] -= 1
-            await conn.disconnect()
-            await client.connection_pool.release(conn)
+            await self._drop_tail(tc)
+            await client.connection_pool.release(tc.conn)
             await client.aclose()
