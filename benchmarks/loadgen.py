@@ -38,6 +38,7 @@ from gathering_lab.load import (  # noqa: F401 - re-exported for the benchmarks
 )
 
 WS_PATH = "/ws/dashboard"
+PROBE_FIRST_INDEX = 1_000_000
 
 
 def LoadState(events: int, subscribers: int, deflate: bool = False) -> Swarm:  # noqa: N802
@@ -141,17 +142,65 @@ async def run_standalone(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+async def run_probe(args: argparse.Namespace) -> dict[str, Any]:
+    """Latency probe: a few subscribers in their own process, spread over ``--ports``.
+
+    ``fanout.py`` runs one beside its load generator, which at M=1000 is itself CPU-bound
+    (its receive backlog is most of the latency it measures); the probe's few clients see
+    the server's latency as a dashboard on another machine would. Prints ``ready`` once
+    connected, then one JSON line when every probe has all ``--events`` (or at the timeout).
+    """
+    ports = [int(p) for p in args.ports.split(",")]
+    state = LoadState(events=args.events, subscribers=args.subscribers)
+    subs: list[ThinSubscriber] = []
+    first = PROBE_FIRST_INDEX  # client ids bench-sub-1000000...: none of the load's
+    for i, port in enumerate(ports):
+        count = args.subscribers // len(ports) + (i < args.subscribers % len(ports))
+        subs += await connect_subscribers(state, args.host, port, count, first_index=first)
+        first += count
+    print("ready", flush=True)
+    try:
+        async with asyncio.timeout(args.timeout):
+            await state.all_finished.wait()
+    except TimeoutError:
+        state.error("probe: timed out waiting for the last event")
+    lat = sorted(state.latencies_ns)
+    result = {
+        "subscribers": state.subscribers,
+        "received": sum(s.received for s in subs),
+        "duplicates": sum(s.duplicates for s in subs),
+        "out_of_order": sum(s.out_of_order for s in subs),
+        "connect_failed": state.failed,
+        "errors": list(state.errors),
+        "p50_ms": percentile(lat, 0.50) / 1e6,
+        "p99_ms": percentile(lat, 0.99) / 1e6,
+    }
+    for sub in subs:
+        sub.close()
+    return result
+
+
 def main() -> None:
     """Command-line entry point for standalone runs."""
     parser = argparse.ArgumentParser(description="fan-out load generator (no server metrics)")
     parser.add_argument("--host", default="127.0.0.1", choices=("127.0.0.1",))
-    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--port", type=int, help="the server's port (not with --probe)")
     parser.add_argument("--subscribers", type=int, default=100)
     parser.add_argument("--events", type=int, default=1000)
     parser.add_argument("--rate", type=float, default=0.0, help="events/s; 0 = full speed")
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--deflate", action="store_true", help="offer permessage-deflate")
-    result = asyncio.run(run_standalone(parser.parse_args()))
+    parser.add_argument(
+        "--probe", action="store_true", help="only subscribe (fanout.py's latency probe)"
+    )
+    parser.add_argument("--ports", help="with --probe: the nodes' ports, comma-separated")
+    args = parser.parse_args()
+    if (args.port is None) == (args.ports is None) or args.probe != (args.ports is not None):
+        parser.error("give --port, or --probe with --ports")
+    if args.probe:
+        print(json.dumps(asyncio.run(run_probe(args))), flush=True)
+        return
+    result = asyncio.run(run_standalone(args))
     print(json.dumps(result, indent=2))
 
 

@@ -46,15 +46,16 @@ async def nodes(request: pytest.FixtureRequest) -> AsyncIterator[Nodes]:
         yield make
 
 
-@pytest.fixture(params=["hiredis", "redis-py"])
-def tail_reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Which connection a Redis tail reads through (hiredis' own protocol, or redis-py's)."""
-    if request.param == "hiredis":
-        pytest.importorskip("hiredis")
-    else:
+@pytest.fixture(params=["deliver", "hiredis", "redis-py"])
+def tail_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """How a Redis tail reads: hiredis' own protocol handing entries to a ``deliver``
+    callback ("deliver"), the same yielding them ("hiredis"), or redis-py's reader."""
+    if request.param == "redis-py":
         monkeypatch.setattr(redis_tail, "USE_HIREDIS", False)
-    kind: str = request.param
-    return kind
+    else:
+        pytest.importorskip("hiredis")
+    mode: str = request.param
+    return mode
 
 
 @pytest.fixture
@@ -85,13 +86,17 @@ async def _opener(url: str, base: dict[str, Any]) -> AsyncIterator[Nodes]:
 
 @contextlib.asynccontextmanager
 async def following(
-    log: EventLog, after_seq: int = 0, epoch: str | None = None
+    log: EventLog, after_seq: int = 0, epoch: str | None = None, mode: str = ""
 ) -> AsyncIterator[list[LogEntry]]:
-    """Collect what ``log.tail(after_seq)`` yields into a list, in a background task."""
+    """Collect what ``log.tail(after_seq)`` yields into a list, in a background task.
+
+    With ``mode="deliver"`` (see ``tail_mode``) what it hands to ``deliver`` goes there too.
+    """
     received: list[LogEntry] = []
+    deliver = received.append if mode == "deliver" else None
 
     async def run() -> None:
-        async with contextlib.aclosing(log.tail(after_seq, epoch)) as entries:
+        async with contextlib.aclosing(log.tail(after_seq, epoch, deliver)) as entries:
             async for entry in entries:
                 received.append(entry)
 
@@ -337,12 +342,15 @@ async def test_a_burst_of_appends_waits_for_a_connection(redis_nodes: Nodes) -> 
 
 
 async def test_flushall_changes_the_epoch_and_is_detected(
-    redis_nodes: Nodes, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+    redis_nodes: Nodes,
+    redis_server: RedisServer,
+    caplog: pytest.LogCaptureFixture,
+    tail_mode: str,
 ) -> None:
     writer, reader = await redis_nodes(2)
     for i in range(5):
         _, old_epoch = await writer.append(b"before %d" % i)
-    async with following(reader) as seen:
+    async with following(reader, mode=tail_mode) as seen:
         await wait_for(lambda: len(seen) == 5)
         assert redis_server.command("FLUSHALL") == b"+OK"
         with caplog.at_level(logging.WARNING, "gathering_lab.backends.redis"):
@@ -414,10 +422,10 @@ async def _append_when_up(log: EventLog, payload: bytes, wait: float = 10) -> tu
 
 
 async def test_a_tail_survives_client_kill_without_loss(
-    redis_nodes: Nodes, redis_server: RedisServer, tail_reader: str
+    redis_nodes: Nodes, redis_server: RedisServer, tail_mode: str
 ) -> None:
     writer, reader = await redis_nodes(2)
-    async with following(reader) as seen:
+    async with following(reader, mode=tail_mode) as seen:
         for i in range(20):
             await writer.append(b"%d" % i)
         await wait_for(lambda: len(seen) == 20)
@@ -430,10 +438,74 @@ async def test_a_tail_survives_client_kill_without_loss(
     assert [e.seq for e in seen] == list(range(1, 41)), "every entry once, in order"
     assert [e.payload for e in seen] == [b"%d" % i for i in range(40)]
     assert reader.stats()["tail_reconnects"] >= 1  # type: ignore[attr-defined]
-    assert reader.stats()["tail_reader"] == tail_reader  # type: ignore[attr-defined]
+    kind = "redis-py" if tail_mode == "redis-py" else "hiredis"
+    assert reader.stats()["tail_reader"] == kind  # type: ignore[attr-defined]
     stats = writer.stats()  # type: ignore[attr-defined]
     assert stats["append_retries"] >= 1 and stats["append_refused"] == 0
     assert reader.health == writer.health == "ok"
+
+
+async def test_a_tail_hands_reads_that_follow_on_to_deliver_in_order(
+    redis_nodes: Nodes,
+) -> None:
+    pytest.importorskip("hiredis")
+    writer, reader = await redis_nodes(2)
+    await writer.append(b"0")
+    yielded: list[LogEntry] = []
+    delivered: list[LogEntry] = []
+    both: list[LogEntry] = []
+
+    def deliver(entry: LogEntry) -> None:
+        delivered.append(entry)
+        both.append(entry)
+
+    async def run() -> None:
+        async with contextlib.aclosing(reader.tail(0, None, deliver)) as entries:
+            async for entry in entries:
+                yielded.append(entry)
+                both.append(entry)
+
+    task = asyncio.create_task(run())
+    try:
+        await wait_for(lambda: len(both) == 1)
+        for i in range(1, 30):
+            await writer.append(b"%d" % i)  # one at a time: one XREAD each
+        await wait_for(lambda: len(both) == 30)
+        await writer.append_many([b"%d" % i for i in range(30, 60)])  # one XREAD, one batch
+        await wait_for(lambda: len(both) == 60)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert [e.seq for e in both] == list(range(1, 61)), "every entry once, in order"
+    assert [e.payload for e in both] == [b"%d" % i for i in range(60)]
+    assert yielded[0].seq == 1, "the first read (the script's) is yielded"
+    assert len(delivered) >= 50, "reads that follow on go to deliver, from the callback"
+    stats = reader.stats()  # type: ignore[attr-defined]
+    assert stats["tail_entries"] == 60 and stats["tails"] == 0
+
+
+async def test_an_error_in_deliver_ends_the_tail_with_it(redis_nodes: Nodes) -> None:
+    pytest.importorskip("hiredis")
+    writer, reader = await redis_nodes(2)
+    await writer.append(b"first")
+
+    def deliver(entry: LogEntry) -> None:
+        raise LookupError(f"handler failed on {entry.seq}")
+
+    seen: list[LogEntry] = []
+
+    async def run() -> None:
+        async with contextlib.aclosing(reader.tail(0, None, deliver)) as entries:
+            async for entry in entries:
+                seen.append(entry)
+                await writer.append(b"second")  # read by XREAD: goes to deliver
+
+    with pytest.raises(LookupError, match="handler failed on 2"):
+        async with asyncio.timeout(timeout(5.0)):
+            await run()
+    assert [e.seq for e in seen] == [1]
+    assert reader.stats()["tails"] == 0  # type: ignore[attr-defined]
 
 
 async def test_an_append_retried_after_a_lost_reply_is_in_the_log_once(
@@ -463,12 +535,12 @@ async def test_an_append_retried_after_a_lost_reply_is_in_the_log_once(
 
 
 async def test_redis_killed_and_restarted_with_its_aof_keeps_the_epoch(
-    redis_nodes: Nodes, redis_server: RedisServer, tail_reader: str
+    redis_nodes: Nodes, redis_server: RedisServer, tail_mode: str
 ) -> None:
     writer, reader = await redis_nodes(2)
     for i in range(50):
         _, epoch = await writer.append(b"%d" % i)
-    async with following(reader) as seen:
+    async with following(reader, mode=tail_mode) as seen:
         await wait_for(lambda: len(seen) == 50)
         redis_server.kill()
         with pytest.raises(BackendUnavailable):
@@ -511,12 +583,12 @@ async def test_a_hung_redis_is_a_stall_detected_and_counted(
     redis_nodes: Nodes,
     redis_server: RedisServer,
     caplog: pytest.LogCaptureFixture,
-    tail_reader: str,
+    tail_mode: str,
 ) -> None:
     writer, reader = await redis_nodes(2)
     await writer.append(b"before")
     caplog.set_level(logging.WARNING, "gathering_lab.backends.redis")
-    async with following(reader) as seen:
+    async with following(reader, mode=tail_mode) as seen:
         await wait_for(lambda: len(seen) == 1)
         redis_server.pause()
         try:
@@ -541,13 +613,13 @@ async def test_a_tail_that_fails_is_logged_counted_and_retried(
     redis_nodes: Nodes,
     redis_server: RedisServer,
     caplog: pytest.LogCaptureFixture,
-    tail_reader: str,
+    tail_mode: str,
 ) -> None:
     writer, reader = await redis_nodes(2)
     await writer.append(b"1")
     stream, _ = writer.keys  # type: ignore[attr-defined]
     caplog.set_level(logging.WARNING, "gathering_lab.backends.redis")
-    async with following(reader) as seen:
+    async with following(reader, mode=tail_mode) as seen:
         await wait_for(lambda: len(seen) == 1)
         # someone overwrites the stream with a string: XREAD fails with WRONGTYPE
         assert redis_server.command("SET", stream, "oops") == b"+OK"

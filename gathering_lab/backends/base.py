@@ -13,7 +13,7 @@ vanished while its metadata stayed), and ``seq`` starts again at 1 in the new ep
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -118,11 +118,19 @@ class EventLog(abc.ABC):
         """
 
     @abc.abstractmethod
-    def tail(self, after_seq: int, epoch: str | None = None) -> AsyncIterator[LogEntry]:
+    def tail(
+        self,
+        after_seq: int,
+        epoch: str | None = None,
+        deliver: Callable[[LogEntry], None] | None = None,
+    ) -> AsyncIterator[LogEntry]:
         """Yield every entry appended after ``after_seq``, in ``seq`` order, as it arrives.
 
         ``epoch``, if given, is the epoch ``after_seq`` belongs to: if it is not the
-        log's, the tail starts from the oldest entry of the log's epoch.
+        log's, the tail starts from the oldest entry of the log's epoch. With ``deliver``,
+        a backend may pass some entries to it instead of yielding them, from its I/O
+        callback as soon as they are read (one loop turn earlier, no task switch); the
+        order is the same, and an exception from ``deliver`` ends the iterator with it.
 
         The iterator survives a short loss of the connection by reading again from the
         last entry it yielded. A jump in ``seq`` or a change of ``epoch`` between two

@@ -12,7 +12,7 @@ import logging
 import secrets
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from .base import (
@@ -120,8 +120,17 @@ class MemoryLog(EventLog):
         entries = [store.entries[i] for i in range(start, min(len(store.entries), start + count))]
         return ReadResult(entries, store.epoch, store.last_seq, oldest, gap)
 
-    async def tail(self, after_seq: int, epoch: str | None = None) -> AsyncIterator[LogEntry]:
-        """Yield every entry after ``after_seq`` as it is appended, until the log is closed."""
+    async def tail(
+        self,
+        after_seq: int,
+        epoch: str | None = None,
+        deliver: Callable[[LogEntry], None] | None = None,
+    ) -> AsyncIterator[LogEntry]:
+        """Yield every entry after ``after_seq`` as it is appended, until the log is closed.
+
+        ``deliver`` is accepted for the interface and not used: every entry is yielded.
+        """
+        del deliver
         check_read_args(after_seq, 1)
         self._check_open()
         store = self._store

@@ -51,7 +51,7 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -74,7 +74,7 @@ from .base import (
     check_read_args,
     is_gap,
 )
-from .redis_tail import TailConnection, open_tail
+from .redis_tail import HiredisTailConnection, TailConnection, open_tail
 
 __all__ = ["RedisLog"]
 
@@ -706,12 +706,19 @@ class RedisLog(EventLog):
         """``ok``, ``degraded`` (reconnecting) or ``closed``."""
         return self._health
 
-    async def tail(self, after_seq: int, epoch: str | None = None) -> AsyncIterator[LogEntry]:
+    async def tail(
+        self,
+        after_seq: int,
+        epoch: str | None = None,
+        deliver: Callable[[LogEntry], None] | None = None,
+    ) -> AsyncIterator[LogEntry]:
         """Yield every entry after ``after_seq`` as it is appended, until the log is closed.
 
         Runs on its own connection. After a lost or stalled connection it reads again
         from the last entry it yielded; when the epoch changes (or ``epoch`` is not the
-        log's) it goes on from the oldest entry of the log's epoch.
+        log's) it goes on from the oldest entry of the log's epoch. With ``deliver`` (and
+        hiredis), the entries of each ``XREAD`` that follows on from the last go to it
+        straight from the connection's callback, not through this iterator.
         """
         check_read_args(after_seq, 1)
         self._require_client()
@@ -746,6 +753,52 @@ class RedisLog(EventLog):
         loop = asyncio.get_running_loop()
         watchdog = _Watchdog(task, self.block + self.timeout + self.connect_timeout)
         delay = self.backoff
+
+        def counted(batch: list[LogEntry]) -> None:
+            stats["tail_reads"] += 1
+            stats["tail_entries"] += len(batch)
+            if len(batch) > stats["tail_batch_max"]:
+                stats["tail_batch_max"] = len(batch)
+
+        def advance(entry: LogEntry) -> None:
+            """Move ``last`` to ``entry`` (the next one yielded or delivered)."""
+            nonlocal last
+            if entry.seq > last + 1:
+                stats["tail_gaps"] += 1
+                logger.warning(
+                    "event log tail on %s missed entries %d..%d (trimmed before read)",
+                    self.where,
+                    last + 1,
+                    entry.seq - 1,
+                )
+            last = entry.seq
+
+        def on_xread(reply: Any) -> bool:
+            """Deliver an XREAD reply that follows on in this epoch, from the transport's
+            callback; anything else (none, an error, a new epoch) is left to the loop."""
+            nonlocal sent_after
+            if reply.__class__ is not list or self._health == "closed" or task.cancelling():
+                return False
+            try:
+                batch = [_entry(item) for item in reply[0][1]]
+            except (IndexError, KeyError, TypeError, ValueError):
+                return False  # not an XREAD reply: the loop's parse raises it
+            if not batch or any(entry.epoch != epoch for entry in batch):
+                return False
+            after = batch[-1].seq
+            try:
+                tc.send(xread_after(after))
+            except RedisConnectionError:
+                return False  # the loop finds the lost connection and reads on from last
+            sent_after = after
+            watchdog.since = loop.time()
+            counted(batch)
+            for entry in batch:
+                advance(entry)
+                deliver(entry)  # type: ignore[misc]  # set when on_xread is
+            return True
+
+        fast = on_xread if deliver is not None and isinstance(tc, HiredisTailConnection) else None
         self._stats["tails"] += 1
         try:
             while self._client is not None and self._health != "closed":
@@ -779,8 +832,13 @@ class RedisLog(EventLog):
                         try:
                             if sent_after != last:
                                 tc.send(xread_after(last))
-                            sent_after = -1
-                            reply: Any = await tc.reply()
+                                sent_after = last
+                            tc.fast = fast
+                            try:
+                                reply: Any = await tc.reply()
+                            finally:
+                                tc.fast = None
+                            sent_after = -1  # that reply answered the request in flight
                             batch = [_entry(item) for item in reply[0][1]] if reply else []
                             use_script = not batch
                             if batch and all(entry.epoch == epoch for entry in batch):
@@ -802,10 +860,7 @@ class RedisLog(EventLog):
                         finally:
                             watchdog.since = None
                     if batch:
-                        stats["tail_reads"] += 1
-                        stats["tail_entries"] += len(batch)
-                        if len(batch) > stats["tail_batch_max"]:
-                            stats["tail_batch_max"] = len(batch)
+                        counted(batch)
                 except _DOWN_ERRORS as exc:
                     sent_after = -1  # the connection is dropped with any request on it
                     await self._drop_tail(tc)
@@ -841,15 +896,7 @@ class RedisLog(EventLog):
                     if entry.epoch != epoch:
                         use_script = True  # a newer epoch's entry reached XREAD
                         break
-                    if entry.seq > last + 1:
-                        self._stats["tail_gaps"] += 1
-                        logger.warning(
-                            "event log tail on %s missed entries %d..%d (trimmed before read)",
-                            self.where,
-                            last + 1,
-                            entry.seq - 1,
-                        )
-                    last = entry.seq
+                    advance(entry)
                     yield entry
         finally:
             watchdog.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -43,6 +44,11 @@ class TailConnection:
     def __init__(self, conn: Any) -> None:
         #: The redis-py connection (from the tail's own pool) this one wraps.
         self.conn = conn
+        #: Where the connection parses replies in its transport's callback: called with
+        #: each reply as it is parsed; a reply it takes (returns True) is not queued for
+        #: :meth:`reply`. What it raises is raised by the next :meth:`reply`, and it is
+        #: unset. Not used by a connection that reads through redis-py.
+        self.fast: Callable[[Any], bool] | None = None
 
     async def connect(self) -> None:
         """(Re)connect if not connected; raises redis-py's connection errors."""
@@ -101,6 +107,15 @@ class RedisPyTailConnection(TailConnection):
         await self.conn.disconnect(nowait=True)
 
 
+class _Raise:
+    """Queued in place of a reply: :meth:`HiredisTailConnection.reply` raises ``exc``."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
 class _ReplyProtocol(asyncio.Protocol):
     """Feeds what arrives to hiredis and queues each complete reply for the tail."""
 
@@ -113,10 +128,15 @@ class _ReplyProtocol(asyncio.Protocol):
         self.reader.feed(data)
         try:
             while (reply := self.reader.gets()) is not False:
-                owner.replies.append(reply)
+                fast = owner.fast
+                if fast is None or not fast(reply):
+                    owner.replies.append(reply)
         except hiredis.ProtocolError as exc:
             owner.lost(RedisConnectionError(f"Protocol error from redis: {exc}"))
             return
+        except Exception as exc:  # the fast handler's (its deliver's): for the reader
+            owner.fast = None
+            owner.replies.append(_Raise(exc))
         waiter = owner.waiter
         if waiter is not None and owner.replies and not waiter.done():
             waiter.set_result(None)
@@ -196,6 +216,8 @@ class HiredisTailConnection(TailConnection):
             finally:
                 self.waiter = None
         reply = replies.popleft()
+        if reply.__class__ is _Raise:
+            raise reply.exc
         if isinstance(reply, hiredis.ReplyError):
             message = str(reply)
             if message.startswith("NOSCRIPT"):
@@ -208,6 +230,7 @@ class HiredisTailConnection(TailConnection):
         transport, self._transport = self._transport, None
         if transport is not None:
             transport.close()
+        self.fast = None
         self.replies.clear()
         self._lost = None
         await self.conn.disconnect(nowait=True)
