@@ -416,7 +416,10 @@ def run_one(
             deploy.redis = RedisServer(redis_dir, appendfsync=args.redis_fsync)
             deploy.redis.start(wait=20)
             if deploy.redis.process is not None:
-                pin_servers(psutil.Process(deploy.redis.process.pid))
+                redis_ps = psutil.Process(deploy.redis.process.pid)
+                pin_servers(redis_ps)
+                if args.redis_nice:
+                    redis_ps.nice(args.redis_nice)
             bus = deploy.redis.url
         for _ in range(2 if name.startswith("lab-2nodes") else 1):
             port = free_port()
@@ -823,6 +826,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=4,
         help="of the M subscribers, this many in a latency probe process of their own, for "
         "cells with M >= 10x as many (0: none)",
+    )
+    p.add_argument(
+        "--redis-nice",
+        type=int,
+        default=0,
+        help="nice value for the harness's redis-server (negative needs root): a diagnostic "
+        "of how much Redis waiting for a CPU on a saturated box adds to the latency",
     )
     p.add_argument("--timeout-scale", type=float, default=1.0, help="multiply all timeouts")
     p.add_argument("--label", default="", help="suffix for the result file names")

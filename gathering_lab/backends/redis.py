@@ -371,6 +371,7 @@ class RedisLog(EventLog):
             "tail_stalls": 0,
             "tail_gaps": 0,
             "tail_errors": 0,
+            "tail_reader": None,  # "hiredis" or "redis-py", once a tail started
             "maxmemory_policy": None,
             "persistence": None,
             # What it was opened with (bus URL options or keywords), for the stats.
