@@ -35,7 +35,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection
@@ -93,7 +93,7 @@ class LabClient:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         client_id: str | None = None,
         *,
         frame: EventFrame | None = None,
@@ -109,7 +109,10 @@ class LabClient:
         ping_timeout: float | None = 60.0,
         max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
-        url = check_url(url)
+        urls = [check_url(url)] if isinstance(url, str) else [check_url(u) for u in url]
+        urls = list(dict.fromkeys(urls))  # each once, in order
+        if not urls:
+            raise ValueError("url must be a ws:// URL or a non-empty list of them, not []")
         if client_id is not None and (not isinstance(client_id, str) or not client_id):
             raise ValueError(f"client_id must be a non-empty string, not {client_id!r}")
         if max_retries is not None and (not isinstance(max_retries, int) or max_retries < 0):
@@ -125,7 +128,12 @@ class LabClient:
             raise ValueError(
                 f"max_message_size must be an integer >= 1024 or None, not {max_message_size!r}"
             )
-        self.url = url
+        #: The servers to connect to, in order: the first that answers; after a lost
+        #: connection, the next one (nodes of one cluster share the log, so the client
+        #: resumes where it was on any of them).
+        self.urls = urls
+        #: The server in use (or tried last).
+        self.url = urls[0]
         self.client_id = client_id
         self.frame = frame if frame is not None else EventFrame(max_rows, client_id=client_id)
         self.token = token
@@ -150,6 +158,8 @@ class LabClient:
         #: Publishes sent again after the server answered ``rate_limited``.
         self.publish_retries = 0
         self.reconnects = 0
+        #: Times it moved on to the next of :attr:`urls`.
+        self.failovers = 0
         self.restarts = 0
         self.gaps = 0
         self.errors: deque[dict[str, Any]] = deque(maxlen=100)
@@ -441,6 +451,7 @@ class LabClient:
 
     async def _run(self) -> None:
         attempt = 0
+        first_errors: list[ConnectionFailed] = []  # one per URL, while none has answered
         while not self._closing:
             self._set_status("connecting" if attempt == 0 else "reconnecting")
             try:
@@ -453,6 +464,12 @@ class LabClient:
                         error = ConnectionFailed(f"cannot connect to {self.url}: {reason}")
                     else:
                         error = connect_error(self.url, exc, self.open_timeout)
+                    first_errors.append(error)
+                    if len(first_errors) < len(self.urls):  # try the next one at once
+                        self._next_url(reason)
+                        continue
+                    if len(first_errors) > 1:
+                        error = ConnectionFailed("; ".join(str(e) for e in first_errors))
                     self._first_attempt.set_exception(error)
                     self._set_status(f"disconnected: {reason}")
                     return
@@ -470,11 +487,22 @@ class LabClient:
             if not self.reconnect or (self.max_retries is not None and attempt >= self.max_retries):
                 self._set_status(f"disconnected after {attempt} retries")
                 return
+            if len(self.urls) > 1:  # this one dropped or refused: the next one
+                self._next_url(self.close_reason or "connection lost")
             delay = min(self.base_delay * 2**attempt, self.max_delay)
             attempt += 1
             self.reconnects += 1
-            self._set_status(f"reconnecting in {delay:g} s (attempt {attempt})")
+            to = f" to {self.url}" if len(self.urls) > 1 else ""
+            self._set_status(f"reconnecting{to} in {delay:g} s (attempt {attempt})")
             await asyncio.sleep(delay)
+
+    def _next_url(self, reason: str) -> None:
+        """Move on to the next of :attr:`urls` (round robin)."""
+        urls = self.urls
+        index = (urls.index(self.url) + 1) % len(urls) if self.url in urls else 0
+        logger.info("%s: %s; trying %s", self.url, reason, urls[index])
+        self.url = urls[index]
+        self.failovers += 1
 
     def _connect_url(self) -> str:
         # Resuming in the URL lets the server replay what we missed before any live
@@ -801,6 +829,9 @@ class LabClient:
         )
 
 
-async def connect(url: str, client_id: str | None = None, **options: Any) -> LabClient:
-    """Connect a :class:`LabClient` to ``url`` and return it once greeted."""
+async def connect(
+    url: str | Sequence[str], client_id: str | None = None, **options: Any
+) -> LabClient:
+    """Connect a :class:`LabClient` to ``url`` (or the first of several that answers);
+    return it once greeted."""
     return await LabClient(url, client_id, **options).connect()

@@ -686,3 +686,29 @@ async def test_publish_gives_up_on_rate_limited_after_its_timeout(bus: EventBus)
             await client.close()
     assert refused.value.code == "rate_limited" and client.publish_retries >= 1
     assert bus.last_seq == 1
+
+
+async def test_a_client_given_several_urls_connects_to_the_first_that_answers(
+    server: Server,
+) -> None:
+    dead = f"ws://127.0.0.1:{free_port()}/ws/dashboard"
+    client = LabClient([dead, server.url], "fallback")
+    try:
+        await client.connect()
+        assert (client.url, client.failovers, client.urls) == (server.url, 1, [dead, server.url])
+        assert client.connected
+    finally:
+        await client.close()
+    other = f"ws://127.0.0.1:{free_port()}/ws/dashboard"
+    with pytest.raises(ConnectionFailed) as failed:
+        await LabClient([dead, other, dead], "nowhere").connect()  # each tried once
+    assert dead in str(failed.value) and other in str(failed.value)
+
+
+@pytest.mark.parametrize(
+    "urls, message",
+    [([], "non-empty list"), (["http://127.0.0.1:1/"], "ws:// or wss://"), ([None], "ws://")],
+)
+def test_bad_url_lists_are_refused(urls: list[Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        LabClient(urls)

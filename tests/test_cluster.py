@@ -405,3 +405,34 @@ async def test_a_node_started_late_preloads_the_history_in_order() -> None:
             await late.close()
     finally:
         await first.close()
+
+
+async def test_a_lab_client_given_both_nodes_fails_over_and_resumes_without_loss(
+    redis_server: RedisServer,
+) -> None:
+    from gathering_lab.client import LabClient
+
+    async with node(redis_server.url) as b:
+        stack = contextlib.AsyncExitStack()
+        a = await stack.enter_async_context(node(redis_server.url))
+        client = LabClient([a.url, b.url], "failover", base_delay=0.05)
+        try:
+            await client.connect()
+            assert client.url == a.url
+            for i in range(5):
+                await b.bus.publish(Event(type="load.test", data={"i": i}))
+            await wait_for(lambda: client.events_received == 5)
+            await stack.aclose()  # node a stops: its clients are cut off
+            for i in range(5, 10):  # published while the client moves to b
+                await b.bus.publish(Event(type="load.test", data={"i": i}))
+            await wait_for(lambda: client.events_received == 10, timeout(10))
+            assert client.url == b.url and client.failovers >= 1
+            assert client.connected and client.reconnects >= 1
+            rows = client.frame.df
+            assert list(rows["data"].map(lambda d: d["i"])) == list(range(10)), "once, in order"
+            seqs = list(rows["seq"])
+            assert seqs == list(range(seqs[0], seqs[0] + 10)), "one log: contiguous seqs"
+            assert (client.gaps, client.restarts, client.duplicates) == (0, 0, 0)
+        finally:
+            await client.close()
+            await stack.aclose()
