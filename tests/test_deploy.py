@@ -19,6 +19,7 @@ import shutil
 import signal
 import ssl
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,36 @@ async def test_serve_with_tls(tls_cert: tuple[Path, Path]) -> None:
             await websockets.connect(url.replace("wss://", "ws://"), open_timeout=timeout(5))
 
     assert process.returncode == 0
+
+
+async def test_a_tls_handshake_that_never_comes_is_cut_at_open_timeout(
+    tls_cert: tuple[Path, Path],
+) -> None:
+    # A TLS handshake happens before the WebSocket one; websockets passes open_timeout on
+    # as asyncio's ssl_handshake_timeout (whose own default is 60 s). Keep it that way.
+    from gathering_lab.websocket import serve
+
+    cert, key = tls_cert
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = await serve(port=0, ssl=context, open_timeout=timeout(1.0))
+    try:
+        port = urlsplit(server.url).port
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)  # plain TCP, silent
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout(1.0) + 10):
+                assert await reader.read() == b"", "the server closed the connection"
+        finally:
+            writer.close()
+        assert time.monotonic() - started < timeout(1.0) + 5
+        # A client that does the handshake in time is served as before.
+        url = f"wss://127.0.0.1:{port}/ws/dashboard?client_id=in-time"
+        async with websockets.connect(url, ssl=trusting(cert)) as ws:
+            assert json.loads(await ws.recv())["type"] == "connection.established"
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def test_serve_refuses_a_key_without_certificate(tls_cert: tuple[Path, Path]) -> None:
