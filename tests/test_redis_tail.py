@@ -152,3 +152,26 @@ def test_without_hiredis_the_tail_reads_through_redis_py(monkeypatch: pytest.Mon
     assert isinstance(tc, redis_tail.RedisPyTailConnection)
     assert tc.kind == "redis-py"
     tc.conn.sock.close()
+
+
+async def test_a_dropped_connections_late_close_does_not_touch_the_next_one(
+    pair: tuple[redis_tail.HiredisTailConnection, socket.socket],
+) -> None:
+    tc, old_peer = pair
+    old = tc._protocol
+    assert old is not None
+    await tc.drop()
+    ours, redis = socket.socketpair()
+    redis.setblocking(False)
+    try:
+        tc.conn.sock = ours
+        await tc.connect()
+        old.connection_lost(None)  # the first transport's close, arriving late
+        old.eof_received()
+        loop = asyncio.get_running_loop()
+        tc.send(b"*1\r\n$4\r\nPING\r\n")  # the new connection is still usable
+        assert await loop.sock_recv(redis, 100) == b"*1\r\n$4\r\nPING\r\n"
+        await loop.sock_sendall(redis, b"+PONG\r\n")
+        assert await reply(tc) == b"PONG"
+    finally:
+        redis.close()

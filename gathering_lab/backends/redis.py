@@ -774,24 +774,31 @@ class RedisLog(EventLog):
                 )
             last = entry.seq
 
+        def read_on(batch: list[LogEntry]) -> bool:
+            """Ask for what follows ``batch`` if it goes on in this epoch (an entry of
+            another epoch ends XREAD mode), before the batch is delivered: Redis takes the
+            request while it is still awake from the reply, and the read is under way."""
+            nonlocal sent_after
+            if not batch or any(entry.epoch != epoch for entry in batch):
+                return False
+            tc.send(xread_after(batch[-1].seq))
+            sent_after = batch[-1].seq
+            return True
+
         def on_xread(reply: Any) -> bool:
             """Deliver an XREAD reply that follows on in this epoch, from the transport's
             callback; anything else (none, an error, a new epoch) is left to the loop."""
-            nonlocal sent_after
             if reply.__class__ is not list or self._health == "closed" or task.cancelling():
                 return False
             try:
                 batch = [_entry(item) for item in reply[0][1]]
             except (IndexError, KeyError, TypeError, ValueError):
                 return False  # not an XREAD reply: the loop's parse raises it
-            if not batch or any(entry.epoch != epoch for entry in batch):
-                return False
-            after = batch[-1].seq
             try:
-                tc.send(xread_after(after))
+                if not read_on(batch):
+                    return False
             except RedisConnectionError:
                 return False  # the loop finds the lost connection and reads on from last
-            sent_after = after
             watchdog.since = loop.time()
             counted(batch)
             for entry in batch:
@@ -842,15 +849,7 @@ class RedisLog(EventLog):
                             sent_after = -1  # that reply answered the request in flight
                             batch = [_entry(item) for item in reply[0][1]] if reply else []
                             use_script = not batch
-                            if batch and all(entry.epoch == epoch for entry in batch):
-                                # Ask for what follows before delivering this batch: Redis
-                                # takes the request while it is still awake from the reply
-                                # (cheaper than waking it later) and the next read is
-                                # already under way. Only when the batch will not end XREAD
-                                # mode (an entry of another epoch does).
-                                after = batch[-1].seq
-                                tc.send(xread_after(after))
-                                sent_after = after
+                            if read_on(batch):
                                 await tc.flush()
                         except asyncio.CancelledError:
                             if watchdog.expired():

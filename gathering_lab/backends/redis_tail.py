@@ -90,9 +90,7 @@ class RedisPyTailConnection(TailConnection):
 
     async def reply(self) -> Any:
         """Write what was queued, then read the next reply."""
-        if self._outgoing:
-            packed, self._outgoing = b"".join(self._outgoing), []
-            await self.conn.send_packed_command(packed, check_health=False)
+        await self.flush()
         return await self.conn.read_response()
 
     async def flush(self) -> None:
@@ -142,11 +140,13 @@ class _ReplyProtocol(asyncio.Protocol):
             waiter.set_result(None)
 
     def eof_received(self) -> bool:
-        self.owner.lost(RedisConnectionError("Connection closed by server."))
+        if self.owner._protocol is self:  # not a connection dropped and replaced since
+            self.owner.lost(RedisConnectionError("Connection closed by server."))
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.owner.lost(RedisConnectionError(f"Connection lost: {exc or 'closed'}"))
+        if self.owner._protocol is self:
+            self.owner.lost(RedisConnectionError(f"Connection lost: {exc or 'closed'}"))
 
 
 class HiredisTailConnection(TailConnection):
@@ -159,6 +159,7 @@ class HiredisTailConnection(TailConnection):
         self.replies: collections.deque[Any] = collections.deque()
         self.waiter: asyncio.Future[None] | None = None
         self._transport: asyncio.Transport | None = None
+        self._protocol: _ReplyProtocol | None = None
         self._lost: Exception | None = None
 
     @staticmethod
@@ -183,7 +184,7 @@ class HiredisTailConnection(TailConnection):
             raise RedisConnectionError("unexpected data on the tail's new connection")
         self.replies.clear()
         self._lost = None
-        protocol = _ReplyProtocol(self)
+        protocol = self._protocol = _ReplyProtocol(self)
         transport.set_protocol(protocol)
         self._transport = transport
 
@@ -228,6 +229,7 @@ class HiredisTailConnection(TailConnection):
     async def drop(self) -> None:
         """Close the transport and redis-py's connection (the next connect makes a new one)."""
         transport, self._transport = self._transport, None
+        self._protocol = None
         if transport is not None:
             transport.close()
         self.fast = None
