@@ -12,10 +12,12 @@ import os
 import signal
 import sys
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 from test_cluster import _run_cli as run_serve_cli  # tests/ is on sys.path
+from test_limits import serve_process
 from websockets.asyncio.client import connect
 
 from gathering_lab.backends.bus import LogBus, bus_for_url
@@ -195,61 +197,41 @@ def _stats(port: int) -> dict[str, Any]:
     return result
 
 
-async def test_report_interval_and_ttl_flags_take_effect(redis_server: RedisServer) -> None:
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gathering_lab",
-        "serve",
-        "--port",
-        str(port),
-        "--bus",
-        redis_server.url,
-        "--node-report-interval",
-        "200ms",
-        "--node-ttl",
-        "1s",
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ},
-    )
-    watcher = await serve(port=0, bus=redis_server.url, manager=ConnectionManager())
-    try:
+async def test_report_interval_and_ttl_flags_take_effect(
+    redis_server: RedisServer, tmp_path: Path
+) -> None:
+    flags = ("--bus", redis_server.url, "--node-report-interval", "200ms", "--node-ttl", "1s")
+    async with serve_process(tmp_path / "serve.log", None, *flags) as (process, port):
+        watcher = await serve(port=0, bus=redis_server.url, manager=ConnectionManager())
+        try:
 
-        async def listed() -> set[int]:
-            stats = await asyncio.to_thread(_stats, watcher.port)
-            return {int(e["address"].rsplit(":", 1)[1]) for e in stats["nodes"]}
+            async def listed() -> set[int]:
+                stats = await asyncio.to_thread(_stats, watcher.port)
+                return {int(e["address"].rsplit(":", 1)[1]) for e in stats["nodes"]}
 
-        async def has_killed_node() -> bool:
-            return port in await listed()
+            async def has_killed_node() -> bool:
+                return port in await listed()
 
-        await wait_for(has_killed_node, wait=30)
-        cluster = (await asyncio.to_thread(_stats, port))["cluster"]
-        assert (cluster["report_interval"], cluster["report_ttl"]) == (0.2, 1.0)
-        key = (
-            f"{{gathering-lab:events}}:node:{(await asyncio.to_thread(_stats, port))['node']['id']}"
-        )
-        pttl = int(redis_server.command("PTTL", key)[1:])
-        assert 0 < pttl <= 1000  # the report's key lives --node-ttl, not the default 6 s
-        killed_at = asyncio.get_running_loop().time()
-        process.send_signal(signal.SIGKILL)
-        await process.wait()
-
-        async def gone() -> bool:
-            return port not in await listed()
-
-        await wait_for(gone, wait=REPORT_INTERVAL * TTL_INTERVALS)
-        took = asyncio.get_running_loop().time() - killed_at
-        # Gone after its 1 s TTL, well before the default TTL (6 s) would have let it go.
-        assert took < REPORT_INTERVAL * TTL_INTERVALS - 1, took
-    finally:
-        if process.returncode is None:
-            process.kill()
+            await wait_for(has_killed_node, wait=30)
+            cluster = (await asyncio.to_thread(_stats, port))["cluster"]
+            assert (cluster["report_interval"], cluster["report_ttl"]) == (0.2, 1.0)
+            node_id = (await asyncio.to_thread(_stats, port))["node"]["id"]
+            pttl = int(redis_server.command("PTTL", f"{{gathering-lab:events}}:node:{node_id}")[1:])
+            assert 0 < pttl <= 1000  # the report's key lives --node-ttl, not the default 6 s
+            killed_at = asyncio.get_running_loop().time()
+            process.send_signal(signal.SIGKILL)
             await process.wait()
-        watcher.close()
-        await watcher.wait_closed()
+
+            async def gone() -> bool:
+                return port not in await listed()
+
+            await wait_for(gone, wait=REPORT_INTERVAL * TTL_INTERVALS)
+            took = asyncio.get_running_loop().time() - killed_at
+            # Gone after its 1 s TTL, well before the default TTL (6 s) would have let it go.
+            assert took < REPORT_INTERVAL * TTL_INTERVALS - 1, took
+        finally:
+            watcher.close()
+            await watcher.wait_closed()
 
 
 async def test_cli_banner_names_the_log_and_its_length(redis_server: RedisServer) -> None:

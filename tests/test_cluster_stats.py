@@ -9,16 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from test_limits import serve_process  # tests/ is on sys.path
 from websockets.asyncio.client import ClientConnection, connect
 
 from gathering_lab.auth import JWTAuth, mint_token
@@ -26,7 +26,6 @@ from gathering_lab.backends.nodes import REPORT_INTERVAL, TTL_INTERVALS
 from gathering_lab.events import Event
 from gathering_lab.testing import (
     RedisServer,
-    free_port,
     recv_json,
     recv_until,
     running_server,
@@ -146,24 +145,10 @@ async def test_stats_on_either_node_sum_both_and_list_both(redis_server: RedisSe
 
 
 async def test_a_killed_node_drops_out_after_the_ttl_a_closed_one_at_once(
-    redis_server: RedisServer,
+    redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gathering_lab",
-        "serve",
-        "--port",
-        str(port),
-        "--bus",
-        redis_server.url,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        env={**os.environ},
-    )
-    try:
+    log = tmp_path / "serve.log"
+    async with serve_process(log, None, "--bus", redis_server.url) as (process, port):
         async with node(redis_server.url) as a:
 
             async def listed() -> set[int]:
@@ -187,10 +172,6 @@ async def test_a_killed_node_drops_out_after_the_ttl_a_closed_one_at_once(
             assert redis_server.command("EXISTS", key) == b":0"
             assert b.port not in await listed()
             assert [e["id"] for e in (await stats(a))["nodes"]] == [a.get_stats()["node"]["id"]]
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 async def _contains(values: Any, item: int) -> bool:
