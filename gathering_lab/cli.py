@@ -1002,6 +1002,7 @@ def _load(args: argparse.Namespace) -> int:
 
 def _build_parser() -> argparse.ArgumentParser:
     from .backends.nodes import REPORT_INTERVAL, TTL_INTERVALS
+    from .websocket.manager import DEFAULT_FLUSH_SLICE
 
     parser = argparse.ArgumentParser(
         prog="gathering-lab",
@@ -1041,6 +1042,14 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="DELAY",
         help="hold each client's frames up to DELAY (e.g. 20ms) and write them as one buffer: "
         "fewer writes for up to that much latency (default 0: off)",
+    )
+    serve.add_argument(
+        "--flush-slice",
+        type=_limit,
+        default=DEFAULT_FLUSH_SLICE,
+        metavar="N",
+        help=f"clients an event's fan-out writes per event-loop turn, so that the loop reads "
+        f"sockets in between (default {DEFAULT_FLUSH_SLICE}; 0 = all in one turn)",
     )
     serve.add_argument(
         "--history",
@@ -1182,6 +1191,7 @@ async def _serve(args: argparse.Namespace) -> int:
             max_message_size=args.max_message_size,
             max_pending_bytes=args.max_pending,
             write_delay=args.write_delay,
+            flush_slice=args.flush_slice,
             node_report_interval=args.node_report_interval,
             node_ttl=args.node_ttl,
             compression=None if args.compression == "off" else args.compression,

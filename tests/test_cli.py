@@ -846,3 +846,12 @@ def test_bad_write_delay_is_one_line(text: str, capsys: pytest.CaptureFixture[st
         main(["serve", "--port", "0", f"--write-delay={text}"])
     assert exited.value.code == 2
     assert "invalid delay" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["-1", "many", "1.5"])
+def test_bad_flush_slice_is_one_line(text: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["serve", "--port", "0", f"--flush-slice={text}"])
+    assert exited.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("gathering-lab serve: error: argument --flush-slice: invalid count")

@@ -332,6 +332,88 @@ async def test_write_delay_coalesces_a_paced_stream_into_fewer_writes(
         assert counting.writes == 20
 
 
+async def test_a_sliced_flush_takes_in_what_is_published_meanwhile_in_order(
+    bus: EventBus,
+) -> None:
+    # Two clients per loop turn: a flush to nine clients takes five turns, and what is
+    # published in between joins it. Each client must still get exactly its events, in
+    # order, and the publisher each event before its ack.
+    manager = ConnectionManager(flush_slice=2)
+    filters = {"all": None, "a": ["a.*"], "b": ["b.*"]}
+    async with running_server(bus=bus, manager=manager, publish_rate=0) as server:
+        watchers: dict[str, tuple[Any, list[str] | None]] = {}
+        for name, types in filters.items():
+            for n in range(3 if name == "all" else 2):
+                ws = await connect(f"{server.url}?client_id={name}-{n}")
+                await recv_json(ws)
+                if types:
+                    await ws.send(json.dumps({"type": "subscribe", "data": {"event_types": types}}))
+                    await recv_until(ws, lambda m: m["type"] == "subscribed")
+                watchers[f"{name}-{n}"] = (ws, types)
+        async with connect(f"{server.url}?client_id=pub") as pub:
+            await recv_json(pub)
+
+            async def publish_from_client() -> None:
+                for i in range(40):
+                    event = {"type": "a.client" if i % 2 else "b.client", "data": {"i": i}}
+                    await pub.send(json.dumps({"type": "publish", "id": i, "data": event}))
+                    await asyncio.sleep(0)
+
+            sending = asyncio.create_task(publish_from_client())
+            for i in range(60):
+                await bus.publish(Event(type="a.local" if i % 3 else "b.local", data={"i": i}))
+                await asyncio.sleep(0)  # one loop turn: one slice of the flush under way
+            await sending
+            got = await recv_until(
+                pub, lambda m: m.get("type") == "published" and m.get("id") == 39, wait=timeout(10)
+            )
+            if not any(m.get("seq") == 100 for m in got):  # read it all, so that it closes
+                got += await recv_until(pub, lambda m: m.get("seq") == 100)
+            acks = [m for m in got if m["type"] == "published"]
+            assert [m["id"] for m in acks] == list(range(40))
+            for ack in acks:  # its own event first, then the ack
+                position = next(
+                    k for k, m in enumerate(got) if m.get("event_id") == ack["data"]["event_id"]
+                )
+                assert position < got.index(ack)
+            published = sorted(bus.get_history(limit=1000), key=lambda e: e.seq or 0)
+            assert len(published) == 100
+            for name, (ws, types) in watchers.items():
+                wanted = [e.seq for e in published if types is None or e.type_name[0] == name[0]]
+                received = await recv_until(ws, lambda m, last=wanted[-1]: m.get("seq") == last)
+                assert [m["seq"] for m in received] == wanted, name
+                await ws.close()
+    stats = manager.get_stats()
+    assert stats["flush_slice"] == 2
+    assert stats["flushes_joined"] > 0  # batches did join a flush under way
+    assert stats["flush_turns"] > stats["flushes_joined"]
+
+
+@pytest.mark.parametrize("slice_", [0, 1, 128])
+async def test_flush_slice_sizes_deliver_the_same(bus: EventBus, slice_: int) -> None:
+    manager = ConnectionManager(flush_slice=slice_)
+    async with running_server(bus=bus, manager=manager) as server:
+        clients = [await connect(f"{server.url}?client_id=c{n}") for n in range(5)]
+        for ws in clients:
+            await recv_json(ws)
+        for i in range(30):
+            await bus.publish(Event(type="paced.event", data={"i": i}))
+            if i % 4 == 0:
+                await asyncio.sleep(0)
+        for ws in clients:
+            got = await recv_until(ws, lambda m: m.get("seq") == 30)
+            assert [m["data"]["i"] for m in got] == list(range(30))
+            await ws.close()
+    if slice_ == 0:  # one turn per flush: nothing can join one
+        assert manager.get_stats()["flushes_joined"] == 0
+
+
+def test_flush_slice_is_checked() -> None:
+    for bad in (-1, 1.5, "8", True, None):
+        with pytest.raises(ValueError, match="flush_slice"):
+            ConnectionManager(flush_slice=bad)
+
+
 def test_write_delay_is_checked() -> None:
     for bad in (-0.01, 2, "20ms", True):
         with pytest.raises(ValueError, match="write_delay"):

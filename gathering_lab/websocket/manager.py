@@ -7,6 +7,13 @@ frame once, joins the frames each group of clients wants into one buffer, and
 writes that same buffer to every client of the group: one ``transport.write``
 per client per flush, however many events the batch holds.
 
+A flush to many clients is written in slices of ``flush_slice`` clients per loop
+turn, so that the loop reads sockets (new publishes, the log's replies) in between.
+Events broadcast meanwhile join the flush under way: the clients it has not
+reached yet get them in the same write, the others in one write after it. An
+event so waits for the flush to reach each client, never for a whole flush to end
+before its own begins, and each client's events and replies keep their order.
+
 Clients are grouped by their filters and their token's scope (the circles and
 projects it may see, :class:`~gathering_lab.auth.Scope`), so a publish tests each
 distinct (filters, scope) pair once rather than each client, and a scope is
@@ -65,6 +72,8 @@ SLOW_CONSUMER_CLOSE_CODE = 4008
 SLOW_CONSUMER_ABORT_AFTER = 1.0
 DEFAULT_REPLAY_CHUNK_BYTES = 64 * 2**10
 DEFAULT_REPLAY_STALL_TIMEOUT = 30.0
+#: Clients a flush writes per event-loop turn before it lets the loop run (0 = all at once).
+DEFAULT_FLUSH_SLICE = 128
 ALL = Filters()
 GroupKey = tuple[Filters, Scope]
 
@@ -159,6 +168,13 @@ class Session:
 MAX_WRITE_DELAY = 1.0
 
 
+def check_flush_slice(value: Any) -> int:
+    """``value`` if it is a valid ``flush_slice`` (an int >= 0), else ValueError."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"flush_slice must be an int >= 0 (0 = no slices), not {value!r}")
+    return value
+
+
 def check_write_delay(value: Any) -> float:
     """Return ``value`` as a write delay in seconds (0 = off, at most 1 s); ValueError if not."""
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -166,6 +182,79 @@ def check_write_delay(value: Any) -> float:
     if not 0 <= value <= MAX_WRITE_DELAY:
         raise ValueError(f"write_delay must be from 0 to {MAX_WRITE_DELAY:g} s, not {value!r}")
     return float(value)
+
+
+class _Job:
+    """One group's part of a flush: who gets it, which events of the batch, their frames."""
+
+    __slots__ = ("key", "members", "indices", "blob")
+
+    def __init__(
+        self, key: GroupKey, members: list[Session], indices: Sequence[int], blob: bytes
+    ) -> None:
+        self.key, self.members, self.indices, self.blob = key, members, indices, blob
+
+
+class _Flush:
+    """A batch being written over several loop turns, and how far it got."""
+
+    __slots__ = ("batch", "frames", "jobs", "replies", "job", "member")
+
+    def __init__(
+        self,
+        batch: list[Event],
+        frames: list[bytes],
+        jobs: list[_Job],
+        replies: dict[Session, list[tuple[int, bytes]]],
+    ) -> None:
+        self.batch, self.frames, self.jobs, self.replies = batch, frames, jobs, replies
+        self.job = 0  # jobs[job].members[member] is the next client to write
+        self.member = 0
+
+    def merge(
+        self,
+        batch: list[Event],
+        frames: list[bytes],
+        chosen: dict[GroupKey, Sequence[int]],
+        blobs: dict[GroupKey, bytes],
+        replies: dict[Session, list[tuple[int, bytes]]],
+        groups: dict[GroupKey, set[Session]],
+    ) -> None:
+        """Add a newer batch: clients not written yet get it with this one, the rest after.
+
+        Per client, events and replies keep their order: the newer batch's indices and
+        reply positions are shifted past this batch's.
+        """
+        offset = len(self.batch)
+        self.batch = self.batch + batch
+        self.frames = self.frames + frames
+        waiting: dict[GroupKey, set[Session]] = {}  # not written yet, by group
+        jobs: list[_Job] = []
+        for number, job in enumerate(self.jobs[self.job :]):
+            members = job.members[self.member :] if number == 0 else job.members
+            extra = chosen.get(job.key)
+            if extra:
+                job = _Job(
+                    job.key,
+                    members,
+                    [*job.indices, *(offset + i for i in extra)],
+                    job.blob + blobs[job.key],
+                )
+            else:
+                job = _Job(job.key, members, job.indices, job.blob)
+            jobs.append(job)
+            waiting.setdefault(job.key, set()).update(members)
+        for key, indices in chosen.items():
+            current = groups.get(key)
+            if not indices or not current:
+                continue
+            done = [s for s in current if s not in waiting.get(key, ())]
+            if done:
+                jobs.append(_Job(key, done, [offset + i for i in indices], blobs[key]))
+        self.jobs, self.job, self.member = jobs, 0, 0
+        for session, mine in replies.items():
+            shifted = [(offset + position, payload) for position, payload in mine]
+            self.replies[session] = self.replies.get(session, []) + shifted
 
 
 class ConnectionManager:
@@ -182,6 +271,7 @@ class ConnectionManager:
         replay_chunk_bytes: int = DEFAULT_REPLAY_CHUNK_BYTES,
         replay_stall_timeout: float = DEFAULT_REPLAY_STALL_TIMEOUT,
         write_delay: float = 0.0,
+        flush_slice: int = DEFAULT_FLUSH_SLICE,
     ) -> None:
         if not isinstance(max_pending_bytes, int) or max_pending_bytes < 1024:
             raise ValueError(f"max_pending_bytes must be an int >= 1024, not {max_pending_bytes!r}")
@@ -210,6 +300,8 @@ class ConnectionManager:
         # each was sent at, and its JSON.
         self._replies: dict[Session, list[tuple[int, bytes]]] = {}
         self._flush_handle: asyncio.Handle | None = None
+        self._work: _Flush | None = None  # a flush under way, written over several turns
+        self.flush_slice = check_flush_slice(flush_slice)
         self._last_seq: dict[str | None, int] = {}
         self._attachments: set[str] = set()  # bus subscriptions that feed broadcast()
         self._ids = itertools.count(1)
@@ -226,6 +318,8 @@ class ConnectionManager:
         self.replays_completed = 0
         self.replays_stalled = 0
         self.replayed_events = 0
+        self.flush_turns = 0  # loop turns that wrote a slice of a flush
+        self.flushes_joined = 0  # batches that joined a flush under way
 
     # The bus
 
@@ -389,16 +483,9 @@ class ConnectionManager:
             self.flush()
         elif self._flush_handle is None:
             try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
+                self._schedule()
+            except RuntimeError:  # no running loop: send now
                 self.flush()
-                return
-            if self.write_delay:
-                # Opt-in coalescing: what is published within the delay goes out as one
-                # write per client, for up to write_delay more latency.
-                self._flush_handle = loop.call_later(self.write_delay, self.flush)
-            else:
-                self._flush_handle = loop.call_soon(self.flush)
 
     def _payload(self, event: Event) -> bytes | None:
         """The event's JSON, or None (counted and logged) if it cannot be encoded."""
@@ -432,18 +519,54 @@ class ConnectionManager:
         return found
 
     def flush(self) -> None:
-        """Send the pending batch now."""
+        """Send everything queued now: the flush under way and the pending batch."""
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        if self._take_pending():
+            self._write_some(None)
+
+    def _flush_soon(self) -> None:
+        """The loop's flush: up to ``flush_slice`` clients per turn, over as many turns as needed.
+
+        Events broadcast meanwhile join the flush under way (unless there is a write delay):
+        the clients it has not reached yet get them in the same write, the others in a
+        write after it. So an event waits for the loop to reach each client, not for a
+        whole flush to end before its own begins.
+        """
+        self._flush_handle = None
+        if self._work is None or not self.write_delay:
+            if not self._take_pending() and self._work is None:
+                return
+        self.flush_turns += 1
+        self._write_some(self.flush_slice or None)
+        if self._work is not None:
+            self._flush_handle = asyncio.get_running_loop().call_soon(self._flush_soon)
+        elif self._pending:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self.write_delay:
+            # Opt-in coalescing: what is published within the delay goes out as one
+            # write per client, for up to write_delay more latency.
+            self._flush_handle = loop.call_later(self.write_delay, self._flush_soon)
+        else:
+            self._flush_handle = loop.call_soon(self._flush_soon)
+
+    def _take_pending(self) -> bool:
+        """Make the pending batch part of the flush under way; False if there is nothing to do."""
         batch = self._pending
-        if not batch:
-            return
+        if not batch and not self._replies:
+            return self._work is not None
         self._pending = []
         self._pending_bytes = 0
         frames = [self._frame(event) for event in batch]
+        replies, self._replies = self._replies, {}
         chosen: dict[GroupKey, Sequence[int]]
-        if len(self._groups) == 1 and (ALL, EVERYTHING) in self._groups:
+        if not batch:
+            chosen = {}
+        elif len(self._groups) == 1 and (ALL, EVERYTHING) in self._groups:
             chosen = {(ALL, EVERYTHING): range(len(batch))}  # everyone wants everything
         else:
             # Only the groups whose patterns match an event are looked at, so the cost
@@ -457,19 +580,39 @@ class ConnectionManager:
                     ):
                         picked.setdefault(key, []).append(index)
             chosen = picked  # type: ignore[assignment]
-        replies, self._replies = self._replies, {}
+        blobs: dict[GroupKey, bytes] = {}
         for key, indices in chosen.items():
-            members = self._groups.get(key)
-            if not members or not indices:
-                continue
             if len(indices) == 1:
-                blob = frames[indices[0]]
+                blobs[key] = frames[indices[0]]
             elif len(indices) == len(frames):
-                blob = b"".join(frames)
+                blobs[key] = b"".join(frames)
             else:
-                blob = b"".join(frames[i] for i in indices)
+                blobs[key] = b"".join(frames[i] for i in indices)
+        work = self._work
+        if work is None:
+            jobs = [
+                _Job(key, list(members), indices, blobs[key])
+                for key, indices in chosen.items()
+                if indices and (members := self._groups.get(key))
+            ]
+            self._work = _Flush(batch, frames, jobs, replies)
+            return True
+        work.merge(batch, frames, chosen, blobs, replies, self._groups)
+        self.flushes_joined += 1
+        return True
+
+    def _write_some(self, budget: int | None) -> None:
+        """Write the flush under way to up to ``budget`` clients (all if None)."""
+        work = self._work
+        assert work is not None
+        batch, frames, replies, jobs = work.batch, work.frames, work.replies, work.jobs
+        while work.job < len(jobs):
+            job = jobs[work.job]
+            members, indices, blob = job.members, job.indices, job.blob
+            start = work.member
+            stop = len(members) if budget is None else min(len(members), start + budget)
             count = len(indices)
-            for session in list(members):
+            for session in members[start:stop]:
                 mine = replies.pop(session, None) if replies else None
                 if mine is not None:
                     self._write_merged(session, batch, frames, indices, mine)
@@ -477,6 +620,16 @@ class ConnectionManager:
                     self._write(session, blob, count)
                 else:
                     self._write_messages(session, [batch[i].encoded() for i in indices])
+            if budget is not None:
+                budget -= stop - start
+            if stop < len(members):
+                work.member = stop
+                return
+            work.job += 1
+            work.member = 0
+            if budget is not None and budget <= 0 and work.job < len(jobs):
+                return
+        self._work = None
         for session, mine in replies.items():  # replies to clients no event was for
             self._write_merged(session, batch, frames, (), mine)
 
@@ -741,6 +894,9 @@ class ConnectionManager:
             "max_message_size": self.max_message_size,
             "replay_chunk_bytes": self.replay_chunk_bytes,
             "write_delay": self.write_delay,
+            "flush_slice": self.flush_slice,
+            "flush_turns": self.flush_turns,
+            "flushes_joined": self.flushes_joined,
         }
 
     def __repr__(self) -> str:

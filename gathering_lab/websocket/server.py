@@ -54,7 +54,13 @@ from .limits import (
     descriptor_limit,
     open_descriptors,
 )
-from .manager import ConnectionManager, Session, check_write_delay, manager_for
+from .manager import (
+    ConnectionManager,
+    Session,
+    check_flush_slice,
+    check_write_delay,
+    manager_for,
+)
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import render as render_metrics
 from .policy import (
@@ -918,6 +924,8 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
 
     ``write_delay`` (seconds, off by default) holds each client's frames up to that long
     and writes them as one buffer: fewer writes for up to that much more latency.
+    ``flush_slice`` (128; 0 = all at once) is how many clients a flush writes per loop
+    turn; events published meanwhile join the flush under way.
 
     On a shared Redis log, each node reports its figures every ``node_report_interval``
     seconds (2) into a key that expires after ``node_ttl`` (default three intervals; it
@@ -958,6 +966,7 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
         max_patterns: int = protocol.DEFAULT_MAX_PATTERNS,
         compression: str | None = None,
         write_delay: float | None = None,
+        flush_slice: int | None = None,
         node_report_interval: float = REPORT_INTERVAL,
         node_ttl: float | None = None,
         # Admission and rate limits
@@ -1014,6 +1023,8 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
             self.manager.max_pending_bytes = max_pending_bytes
         if write_delay is not None:
             self.manager.write_delay = check_write_delay(write_delay)
+        if flush_slice is not None:
+            self.manager.flush_slice = check_flush_slice(flush_slice)
         self.manager.max_message_size = max_message_size
         self.broadcast = broadcast
         if worker is not None:
