@@ -14,7 +14,9 @@ Servers (``--servers``, interleaved within every cell and rotated between repeti
 * ``lab-2nodes`` -- two such nodes on one fresh Redis, M/2 subscribers on each, the publisher
   on the first; server CPU is the sum of both nodes;
 * ``lab-wd`` -- ``lab`` with ``--write-delay`` (``--write-delay`` of this script, 20ms);
-  ``lab-redis-wd`` and ``lab-2nodes-wd`` likewise.
+  ``lab-redis-wd`` and ``lab-2nodes-wd`` likewise;
+* ``lab-whole``, ``lab-redis-whole`` -- ``lab`` and ``lab-redis`` with ``--flush-slice 0``: each
+  flush written in one loop turn, as before flushes were sliced.
 
 Each run starts a fresh server process, connects the publisher, reads the server's RSS,
 connects M thin subscribers (``loadgen.py``), reads RSS again (idle cost per connection), then
@@ -62,8 +64,11 @@ HOST = "127.0.0.1"  # never anything else
 
 FULL_CELLS = "full:10:4000,full:100:1000,full:1000:200,rate:100:1000:200"
 QUICK_CELLS = "full:10:400,full:100:150,full:1000:25,rate:100:200:200"
-LAB_NAMES = ("lab", "lab-wd", "lab-redis", "lab-redis-wd", "lab-2nodes", "lab-2nodes-wd")
-REDIS_NAMES = ("lab-redis", "lab-redis-wd", "lab-2nodes", "lab-2nodes-wd")
+LAB_NAMES = (
+    "lab", "lab-wd", "lab-redis", "lab-redis-wd", "lab-2nodes", "lab-2nodes-wd",
+    "lab-whole", "lab-redis-whole",
+)  # fmt: skip
+REDIS_NAMES = ("lab-redis", "lab-redis-wd", "lab-2nodes", "lab-2nodes-wd", "lab-redis-whole")
 SERVER_NAMES = ("bare", "fastapi", "fastapi-loop", *LAB_NAMES)
 
 
@@ -118,6 +123,8 @@ def server_command(
         extra = ["--bus", bus] if bus else []
         if name.endswith("-wd"):
             extra += [f"--write-delay={args.write_delay}"]
+        if name.endswith("-whole"):
+            extra += ["--flush-slice=0"]  # a flush written in one loop turn, as before slices
         return [
             py, "-m", "gathering_lab", "serve", "--host", HOST, "--port", str(port),
             "--log-level", "warning",
@@ -312,6 +319,7 @@ async def measure(deploy: Deployment, cell: Cell, args: argparse.Namespace) -> d
     subs: list[loadgen.ThinSubscriber] = []
     probes = args.probes if cell.subscribers >= 10 * args.probes else 0
     probe: Probe | None = None
+    reader: loadgen.PolledReader | None = None
     try:
         await asyncio.sleep(0.3)
         rss_before = sum(proc_status(pid)["VmRSS"] for pid in pids)
@@ -326,12 +334,16 @@ async def measure(deploy: Deployment, cell: Cell, args: argparse.Namespace) -> d
                 timeout=60 * args.timeout_scale,
             )  # fmt: skip
             first += count
+        if args.read_every > 0:
+            reader = loadgen.PolledReader(subs, args.read_every / 1000)
         await asyncio.sleep(0.5 if cell.subscribers < 500 else 1.0)
         rss_idle = sum(proc_status(pid)["VmRSS"] for pid in pids)
 
         box0 = box_busy_seconds()
         cpu0, redis0 = cpu_seconds(server_ps), cpu_seconds(redis_ps)
         lg0, t0 = time.process_time(), time.perf_counter()
+        if args.loadgen_nice:
+            os.setpriority(os.PRIO_PROCESS, 0, args.loadgen_nice)
         publishing = asyncio.create_task(pub.publish(cell.rate, args.payload_bytes))
         timed_out = False
         try:
@@ -344,6 +356,8 @@ async def measure(deploy: Deployment, cell: Cell, args: argparse.Namespace) -> d
         except Exception as exc:  # the run is reported as failed, the benchmark goes on
             state.error(f"publisher: {exc!r}")
         wall = time.perf_counter() - t0
+        if args.loadgen_nice:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
         cpu1, redis1 = cpu_seconds(server_ps), cpu_seconds(redis_ps)
         lg1, box1 = time.process_time(), box_busy_seconds()
         statuses = [proc_status(pid) for pid in pids]
@@ -352,6 +366,8 @@ async def measure(deploy: Deployment, cell: Cell, args: argparse.Namespace) -> d
             await asyncio.gather(publishing, return_exceptions=True)
         probe_result = await probe.finish(cell.timeout(args.timeout_scale)) if probe else None
     finally:
+        if reader is not None:
+            await reader.stop()
         for sub in subs:
             sub.close()
         await pub.close()
@@ -420,6 +436,8 @@ def run_one(
                 pin_servers(redis_ps)
                 if args.redis_nice:
                     redis_ps.nice(args.redis_nice)
+                if args.redis_batch:
+                    os.sched_setscheduler(redis_ps.pid, os.SCHED_BATCH, os.sched_param(0))
             bus = deploy.redis.url
         for _ in range(2 if name.startswith("lab-2nodes") else 1):
             port = free_port()
@@ -828,6 +846,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "cells with M >= 10x as many (0: none)",
     )
     p.add_argument(
+        "--read-every",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="the load generator reads its sockets every MS ms instead of on each arrival "
+        "(loadgen.PolledReader: no wake-up per delivery, as with clients on other machines; "
+        "its own latency then includes up to MS, the probes' does not). 0: on each arrival",
+    )
+    p.add_argument(
+        "--loadgen-nice",
+        type=int,
+        default=0,
+        help="nice value of the load generator (this process) while it publishes and "
+        "receives, reset afterwards; the probes keep theirs: a diagnostic of how much the "
+        "load generator's share of the box's CPUs adds to the servers' latency",
+    )
+    p.add_argument(
+        "--redis-batch",
+        action="store_true",
+        help="run the harness's redis-server under SCHED_BATCH: its wake-ups do not preempt "
+        "a running node (as if Redis had a core or a host of its own)",
+    )
+    p.add_argument(
         "--redis-nice",
         type=int,
         default=0,
@@ -882,6 +923,18 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(
             f"pinned: load generator on CPU {cpus[-1]}, servers and Redis on CPUs {SERVER_CPUS}"
         )
+    if args.read_every < 0:
+        print("--read-every must be >= 0 (ms)", file=sys.stderr)
+        return 2
+    if args.read_every:
+        notes.append(
+            f"the load generator read its sockets every {args.read_every:g} ms "
+            "(its own latency includes up to that; the probes' does not)"
+        )
+    if args.loadgen_nice:
+        notes.append(f"load generator at nice {args.loadgen_nice} while publishing")
+    if args.redis_batch:
+        notes.append("redis-server under SCHED_BATCH (its wake-ups do not preempt a node)")
     servers = list(args.servers)
     if "lab" in servers and (why := lab_available()):
         notes.append(f"lab skipped: {why}")
