@@ -389,6 +389,26 @@ async def test_a_sliced_flush_takes_in_what_is_published_meanwhile_in_order(
     assert stats["flush_turns"] > stats["flushes_joined"]
 
 
+async def test_a_reply_during_a_sliced_flush_waits_its_turn(bus: EventBus) -> None:
+    manager = ConnectionManager(flush_slice=1)
+    async with running_server(bus=bus, manager=manager) as server:
+        clients = [await connect(f"{server.url}?client_id=c{n}") for n in range(4)]
+        for ws in clients:
+            await recv_json(ws)
+        await bus.publish(Event(type="one.event"))
+        await asyncio.sleep(0)  # the flush's first turn: one client written, three to go
+        assert manager.get_stats()["flush_turns"] == 1
+        for session in manager.sessions:
+            assert manager.send(session, {"type": "note", "data": {}})
+        # The replies joined the flush under way instead of making it finish at once.
+        assert manager.get_stats()["flush_turns"] == 1
+        for ws in clients:
+            first, second = await recv_json(ws), await recv_json(ws)
+            assert (first["type"], second["type"]) == ("one.event", "note")
+            await ws.close()
+    assert manager.get_stats()["flush_turns"] >= 4
+
+
 @pytest.mark.parametrize("slice_", [0, 1, 128])
 async def test_flush_slice_sizes_deliver_the_same(bus: EventBus, slice_: int) -> None:
     manager = ConnectionManager(flush_slice=slice_)

@@ -741,11 +741,14 @@ class ConnectionManager:
         Returns False if the client is gone or was closed as a slow consumer.
         """
         payload = protocol.encode(message)
-        if self._pending and session.live:
-            # Events wait for the next flush: the reply goes out with them, after those
-            # queued before it, so a burst of requests costs one write per client.
+        if session.live and (self._pending or self._work is not None):
+            # Events wait for the next flush (or a flush is under way): the reply goes out
+            # with them, after those queued before it, so a burst of requests costs one
+            # write per client, and a reply does not make a sliced flush finish at once.
             self._replies.setdefault(session, []).append((len(self._pending), payload))
             self._pending_bytes += len(payload)
+            if self._flush_handle is None:
+                self._schedule()
             return not session.closing
         self.flush()
         if session.raw:
