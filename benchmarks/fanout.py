@@ -178,6 +178,7 @@ def proc_status(pid: int) -> dict[str, int]:
 
 #: With --pin: the CPUs for the servers and Redis (the load generator gets the rest).
 SERVER_CPUS: list[int] = []
+LOADGEN_CPUS: list[int] = []
 
 
 def pin_servers(ps: psutil.Process) -> None:
@@ -433,7 +434,10 @@ def run_one(
             deploy.redis.start(wait=20)
             if deploy.redis.process is not None:
                 redis_ps = psutil.Process(deploy.redis.process.pid)
-                pin_servers(redis_ps)
+                if args.pin and args.redis_with_loadgen:
+                    redis_ps.cpu_affinity([LOADGEN_CPUS[0]])
+                else:
+                    pin_servers(redis_ps)
                 if args.redis_nice:
                     redis_ps.nice(args.redis_nice)
                 if args.redis_batch:
@@ -855,6 +859,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "its own latency then includes up to MS, the probes' does not). 0: on each arrival",
     )
     p.add_argument(
+        "--redis-with-loadgen",
+        action="store_true",
+        help="with --pin: redis-server on the load generator's CPU, so that the nodes have "
+        "theirs to themselves (with --loadgen-nice, Redis and the probes come first there)",
+    )
+    p.add_argument(
         "--loadgen-nice",
         type=int,
         default=0,
@@ -919,6 +929,7 @@ def main(argv: list[str] | None = None) -> int:
             print("--pin needs at least 2 CPUs", file=sys.stderr)
             return 2
         SERVER_CPUS[:] = cpus[:-1]
+        LOADGEN_CPUS[:] = cpus[-1:]
         os.sched_setaffinity(0, {cpus[-1]})
         notes.append(
             f"pinned: load generator on CPU {cpus[-1]}, servers and Redis on CPUs {SERVER_CPUS}"
@@ -933,6 +944,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.loadgen_nice:
         notes.append(f"load generator at nice {args.loadgen_nice} while publishing")
+    if args.redis_with_loadgen:
+        if not args.pin:
+            print("--redis-with-loadgen needs --pin", file=sys.stderr)
+            return 2
+        notes.append("redis-server pinned to the load generator's CPU")
     if args.redis_batch:
         notes.append("redis-server under SCHED_BATCH (its wake-ups do not preempt a node)")
     servers = list(args.servers)
