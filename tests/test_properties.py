@@ -32,7 +32,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -603,3 +603,75 @@ async def test_every_frame_answered_and_every_acked_event_delivered(
     finally:
         await fuzzer.close()
         await watcher.close()
+
+
+# Sliced flushes: whatever joins a flush under way, each client's order is the order things
+# were queued for it.
+
+FLUSH_FILTERS = st.sampled_from([None, None, "a.*", "b.*"])
+FLUSH_OPS = st.one_of(
+    st.tuples(st.just("publish"), st.sampled_from(["a.x", "a.x", "b.x", "c.x"])),
+    st.tuples(st.just("turn"), st.just(0)),
+    st.tuples(st.just("reply"), st.integers(0, 5)),
+)
+#: Flushes joined again and again while clients of one group are still waiting.
+ALTERNATING = [("publish", "a.x"), ("turn", 0)] * 6 + [("reply", 0), ("publish", "b.x")]
+
+
+@pytest.mark.asyncio(loop_scope="module")
+@settings(max_examples=max(5, settings().max_examples * 3 // 5), deadline=None)
+@example(filters=[None] * 6, ops=ALTERNATING, flush_slice=1)
+@example(filters=[None, "a.*", None, "b.*", None], ops=ALTERNATING[::-1] * 2, flush_slice=2)
+@given(
+    filters=st.lists(FLUSH_FILTERS, min_size=2, max_size=6),
+    ops=st.lists(FLUSH_OPS, min_size=1, max_size=40),
+    flush_slice=st.integers(1, 3),
+)
+async def test_sliced_flushes_keep_each_clients_order(
+    filters: list[str | None], ops: list[tuple[str, Any]], flush_slice: int
+) -> None:
+    """Events and replies queued in any interleaving with loop turns reach each client
+    exactly once, in the order they were queued for it (broadcast or ``send``)."""
+    example = next(_examples)
+    bus = EventBus()
+    manager = ConnectionManager(flush_slice=flush_slice)
+    async with serve("127.0.0.1", 0, bus=bus, manager=manager) as server:
+        clients: list[ClientConnection] = []
+        for index, pattern in enumerate(filters):
+            ws = await _joined(server, f"slice-{example}-{index}")
+            if pattern is not None:
+                await ws.send(json.dumps({"type": "subscribe", "data": {"event_types": [pattern]}}))
+                while (
+                    assert_strict_json(await _recv_raw(ws, time.monotonic() + timeout(5)))["type"]
+                    != "subscribed"
+                ):
+                    pass
+            clients.append(ws)
+        sessions = {s.client_id: s for s in manager.sessions}
+        expected: list[list[tuple[str, int]]] = [[] for _ in filters]
+        for number, (op, arg) in enumerate(ops):
+            if op == "publish":
+                await bus.publish(Event(type=arg, data={"n": number}))
+                for index, pattern in enumerate(filters):
+                    if pattern is None or arg.startswith(pattern[:-1]):
+                        expected[index].append(("event", number))
+            elif op == "reply" and arg < len(filters):
+                session = sessions[f"slice-{example}-{arg}"]
+                assert manager.send(session, {"type": "note", "data": {"n": number}})
+                expected[arg].append(("note", number))
+            else:
+                await asyncio.sleep(0)  # a loop turn: one slice of a flush under way
+        for index in range(len(clients)):
+            manager.send(sessions[f"slice-{example}-{index}"], {"type": "note", "data": {"n": -1}})
+        for index, ws in enumerate(clients):
+            got: list[tuple[str, int]] = []
+            deadline = time.monotonic() + timeout(10)
+            while True:
+                message = assert_strict_json(await _recv_raw(ws, deadline))
+                kind = "note" if message["type"] == "note" else "event"
+                number = message["data"]["n"]
+                if number == -1:
+                    break
+                got.append((kind, number))
+            assert got == expected[index], (index, filters[index], ops)
+            await ws.close()
