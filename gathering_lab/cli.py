@@ -137,6 +137,19 @@ def _limit(text: str) -> int:
     return value
 
 
+def _proxy(text: str) -> str:
+    """An argparse type for an IP address or network."""
+    from .websocket.limits import TrustedProxies
+
+    try:
+        TrustedProxies([text])
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an IP address or network (e.g. 127.0.0.1, 10.0.0.0/8, ::1)"
+        ) from None
+    return text
+
+
 def _add_limit_arguments(serve: argparse.ArgumentParser) -> None:
     from .websocket.limits import (
         DEFAULT_MAX_CONNECTIONS_PER_IP,
@@ -167,7 +180,17 @@ def _add_limit_arguments(serve: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_CONNECTIONS_PER_IP,
         metavar="N",
         help=f"WebSocket clients from one address, loopback included (default "
-        f"{DEFAULT_MAX_CONNECTIONS_PER_IP}; 0 = no limit, e.g. behind a proxy)",
+        f"{DEFAULT_MAX_CONNECTIONS_PER_IP}; 0 = no limit)",
+    )
+    group.add_argument(
+        "--trusted-proxy",
+        action="append",
+        type=_proxy,
+        default=[],
+        metavar="ADDR",
+        help="a reverse proxy's address or network (repeatable; e.g. 127.0.0.1 for nginx on "
+        "this host): from it, the client is the address its X-Forwarded-For names, and "
+        "--max-connections-per-ip counts that address",
     )
     group.add_argument(
         "--open-timeout",
@@ -1198,6 +1221,7 @@ async def _serve(args: argparse.Namespace) -> int:
             ssl=ssl_context,
             max_connections=args.max_connections,
             max_connections_per_ip=args.max_connections_per_ip or None,
+            trusted_proxies=args.trusted_proxy,
             open_timeout=args.open_timeout,
             publish_rate=args.publish_rate,
             publish_burst=args.publish_burst,
@@ -1377,9 +1401,11 @@ def _limits_line(stats: dict[str, Any]) -> str:
     admission, rates = stats["admission"], stats["rate_limits"]
     per_ip = admission["max_connections_per_ip"]
     rate = rates["publish_rate"]
+    proxies = admission.get("trusted_proxies") or []
+    behind = f"; clients behind {', '.join(proxies)} by X-Forwarded-For" if proxies else ""
     return (
         f"{admission['max_connections']} clients"
-        f" ({'no per-address limit' if per_ip is None else f'{per_ip} per address'}), "
+        f" ({'no per-address limit' if per_ip is None else f'{per_ip} per address'}{behind}), "
         + (f"{rate:g} publishes/s per client" if rate else "no publish rate limit")
     )
 

@@ -456,7 +456,7 @@ async def test_nginx_moves_a_stopped_nodes_client_to_the_other_without_loss(
     cert, key = tls_cert
     # LabClient opens wss:// with the default trust store: make it trust the test certificate.
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
-    node = ("--bus", redis_server.url, "--max-connections-per-ip", "0")  # as deploy.md says
+    node = ("--bus", redis_server.url, "--trusted-proxy", "127.0.0.1")  # as deploy.md says
     tls_port = free_port()
     async with cli_server(*node) as (url_a, node_a), cli_server(*node) as (url_b, node_b):
         nodes = {port_of(url_a): node_a, port_of(url_b): node_b}

@@ -27,6 +27,7 @@ from gathering_lab.websocket.limits import (
     ClientLimits,
     LogThrottle,
     TokenBucket,
+    TrustedProxies,
     default_max_connections,
     socket_headroom,
 )
@@ -177,6 +178,92 @@ async def test_past_max_connections_the_upgrade_gets_503_and_health_still_answer
             assert (await recv_json(again))["type"] == "connection.established"
         for ws in clients[1:]:
             await ws.close()
+
+
+# Behind a reverse proxy: X-Forwarded-For from trusted proxies only
+
+
+def test_trusted_proxies_name_the_client_only_from_a_proxy() -> None:
+    proxies = TrustedProxies(["127.0.0.1", "10.0.0.0/8", "::1"])
+    assert "127.0.0.1" in proxies and "10.2.3.4" in proxies and "::1" in proxies
+    assert "192.0.2.1" not in proxies and "not an ip" not in proxies
+    # From a proxy: the rightmost address that is not a proxy (what the proxy saw).
+    assert proxies.client("127.0.0.1", ["203.0.113.5"]) == "203.0.113.5"
+    assert proxies.client("127.0.0.1", ["6.6.6.6, 203.0.113.5"]) == "203.0.113.5"
+    assert proxies.client("127.0.0.1", ["6.6.6.6", "203.0.113.5, 10.0.0.7"]) == "203.0.113.5"
+    assert proxies.client("::1", ["2001:db8::1"]) == "2001:db8::1"
+    # Nothing usable: the proxy itself.
+    assert proxies.client("127.0.0.1", []) == "127.0.0.1"
+    assert proxies.client("127.0.0.1", ["10.0.0.7"]) == "127.0.0.1"
+    assert proxies.client("127.0.0.1", ["203.0.113.5, garbage"]) == "127.0.0.1"
+    # From anyone else the header is ignored.
+    assert proxies.client("192.0.2.1", ["203.0.113.5"]) == "192.0.2.1"
+    assert TrustedProxies().client("127.0.0.1", ["203.0.113.5"]) == "127.0.0.1"
+    assert TrustedProxies(["10.0.0.0/8"]).to_list() == ["10.0.0.0/8"]
+    with pytest.raises(ValueError, match="trusted_proxies: 'nope' is not an IP address"):
+        TrustedProxies(["nope"])
+    with pytest.raises(TypeError, match="not a string"):
+        TrustedProxies("127.0.0.1")
+
+
+def test_a_trusted_proxy_is_not_capped_per_address_its_clients_are() -> None:
+    admission = Admission(10, 1, headroom=1, trusted_proxies=TrustedProxies(["10.0.0.1"]))
+    for key in "abc":  # three sockets from the proxy: past the per-address socket cap of 2
+        assert admission.opened(key, "10.0.0.1") == (True, [])
+    assert admission.admit("a", "203.0.113.1") is None
+    assert admission.admit("b", "203.0.113.2") is None
+    assert admission.admit("c", "203.0.113.1") == "max_connections_per_ip"
+    assert admission.websockets_from("203.0.113.1") == 1
+    admission.closed("a")
+    assert admission.websockets_from("203.0.113.1") == 0
+    assert admission.admit("c", "203.0.113.1") is None
+    # Anyone else is still capped by its own address (its oldest handshake makes room).
+    assert admission.opened("x", "10.0.0.9") == (True, [])
+    assert admission.opened("y", "10.0.0.9") == (True, [])
+    assert admission.opened("z", "10.0.0.9") == (True, ["x"])
+
+
+async def test_behind_a_trusted_proxy_the_per_address_limit_counts_each_client() -> None:
+    async with running_server(
+        max_connections=20, max_connections_per_ip=1, trusted_proxies=["127.0.0.1"]
+    ) as server:
+
+        def via(client: str) -> dict[str, Any]:
+            return {"additional_headers": {"X-Forwarded-For": client}}
+
+        # Twelve clients through the proxy (127.0.0.1): past the per-address socket cap.
+        clients = [
+            await websockets.connect(f"{server.url}?client_id=c{n}", **via(f"203.0.113.{n}"))
+            for n in range(12)
+        ]
+        for ws in clients:
+            assert (await recv_json(ws))["type"] == "connection.established"
+        # A second connection of one of them is refused, and named by its own address.
+        error = await refused(server.url, **via("203.0.113.3"))
+        body = json.loads(error.response.body or b"")
+        assert body["code"] == "max_connections_per_ip"
+        assert "too many connections from 203.0.113.3" in body["error"]
+        # What a client puts in the header itself is left of what the proxy appends.
+        error = await refused(server.url, **via("198.51.100.9, 203.0.113.3"))
+        assert "from 203.0.113.3" in json.loads(error.response.body or b"")["error"]
+        stats = server.get_stats()
+        remotes = {c["client_id"]: c["remote"] for c in stats["clients"]}
+        assert remotes["c3"] == "203.0.113.3"
+        assert stats["admission"]["trusted_proxies"] == ["127.0.0.1/32"]
+        assert stats["admission"]["rejected"]["max_connections_per_ip"] == 2
+        for ws in clients:
+            await ws.close()
+
+
+async def test_x_forwarded_for_from_anyone_else_is_ignored() -> None:
+    async with running_server(max_connections=20, max_connections_per_ip=1) as server:
+        headers = {"X-Forwarded-For": "203.0.113.1"}
+        async with websockets.connect(server.url, additional_headers=headers) as first:
+            await recv_json(first)
+            error = await refused(server.url, additional_headers={"X-Forwarded-For": "203.0.113.2"})
+            body = json.loads(error.response.body or b"")
+            assert "too many connections from 127.0.0.1" in body["error"]
+            assert server.get_stats()["clients"][0]["remote"].startswith("127.0.0.1:")
 
 
 def _can_bind(address: str) -> bool:
@@ -464,6 +551,8 @@ async def test_serve_raises_the_soft_descriptor_limit_and_derives_max_connection
         ("--publish-rate", "fast", "invalid rate 'fast'"),
         ("--publish-burst", "0", "must be at least 1"),
         ("--open-timeout", "soon", "soon"),
+        ("--trusted-proxy", "nginx", "'nginx' is not an IP address or network"),
+        ("--flush-slice", "-1", "must be >= 0"),
     ],
 )
 async def test_serve_rejects_bad_limit_flags(flag: str, value: str, message: str) -> None:
@@ -484,6 +573,7 @@ async def test_serve_keywords_are_checked() -> None:
         {"publish_burst": 0},
         {"message_rate": float("nan")},
         {"open_timeout": 0},
+        {"trusted_proxies": ["nginx"]},
     ):
         (name,) = bad
         with pytest.raises(ValueError, match=name):

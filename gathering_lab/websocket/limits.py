@@ -12,14 +12,17 @@ answers (abort this socket, refuse with 503, answer ``rate_limited``, wait this 
 - :class:`TokenBucket` paces one client's publishes (``take``: refuse the excess) and all of
   its messages (``reserve``: read the next one later).
 - :class:`LogThrottle` turns a burst of identical warnings into one line per interval.
+- :class:`TrustedProxies` says which peers are reverse proxies whose ``X-Forwarded-For``
+  names the client; the per-IP limits then count that client, not the proxy.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import resource
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from typing import Any
 
 __all__ = [
@@ -34,6 +37,7 @@ __all__ = [
     "LogThrottle",
     "RateLimits",
     "TokenBucket",
+    "TrustedProxies",
     "default_max_connections",
     "descriptor_limit",
     "open_descriptors",
@@ -41,7 +45,8 @@ __all__ = [
 ]
 
 #: WebSocket clients from one IP address. Loopback counts too: behind a reverse proxy every
-#: client comes from the proxy's address, so pass 0 (no per-IP limit) there.
+#: client comes from the proxy's address, so name the proxy (``trusted_proxies``) or pass 0
+#: (no per-IP limit) there.
 DEFAULT_MAX_CONNECTIONS_PER_IP = 256
 #: Sustained publishes per second per connection, and the burst allowed above it.
 DEFAULT_PUBLISH_RATE = 500.0
@@ -103,6 +108,61 @@ def default_max_connections(soft_limit: int, open_now: int) -> int:
     return best
 
 
+class TrustedProxies:
+    """The reverse proxies whose ``X-Forwarded-For`` header is believed.
+
+    ``proxies`` are IP addresses or networks (``127.0.0.1``, ``10.0.0.0/8``, ``::1``).
+    From a peer among them, the client is the rightmost address of ``X-Forwarded-For``
+    that is not itself a trusted proxy: the one the outermost trusted proxy saw, which a
+    client cannot forge (what it sends itself ends up further left). From any other
+    peer, or without a usable header, the client is the peer.
+    """
+
+    def __init__(self, proxies: Iterable[str] = ()) -> None:
+        if isinstance(proxies, str):
+            raise TypeError("trusted_proxies must be a list of addresses, not a string")
+        networks = []
+        for proxy in proxies:
+            try:
+                networks.append(ipaddress.ip_network(str(proxy).strip(), strict=False))
+            except ValueError:
+                raise ValueError(
+                    f"trusted_proxies: {proxy!r} is not an IP address or network "
+                    "(e.g. 127.0.0.1, 10.0.0.0/8, ::1)"
+                ) from None
+        self.networks = tuple(networks)
+
+    def __bool__(self) -> bool:
+        return bool(self.networks)
+
+    def __contains__(self, ip: object) -> bool:
+        if not self.networks or not isinstance(ip, str):
+            return False
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in network for network in self.networks)
+
+    def client(self, peer: str, forwarded_for: Iterable[str]) -> str:
+        """The client's address for a connection from ``peer`` with these header values."""
+        if peer not in self:
+            return peer
+        hops = [hop.strip() for value in forwarded_for for hop in value.split(",")]
+        for hop in reversed(hops):
+            try:
+                address = str(ipaddress.ip_address(hop))
+            except ValueError:
+                return peer  # not an address where the proxy should have put one
+            if address not in self:
+                return address
+        return peer
+
+    def to_list(self) -> list[str]:
+        """The proxies, as given (normalised), for the stats."""
+        return [str(network) for network in self.networks]
+
+
 class Admission:
     """Counts of sockets and WebSocket clients, total and per IP, and who may come in.
 
@@ -117,6 +177,7 @@ class Admission:
         max_connections: int,
         max_connections_per_ip: int | None = DEFAULT_MAX_CONNECTIONS_PER_IP,
         headroom: int | None = None,
+        trusted_proxies: TrustedProxies | None = None,
     ) -> None:
         if not isinstance(max_connections, int) or max_connections < 1:
             raise ValueError(f"max_connections must be an int >= 1, not {max_connections!r}")
@@ -134,7 +195,9 @@ class Admission:
         self.max_sockets_per_ip = (
             None if max_connections_per_ip is None else max_connections_per_ip + self.headroom
         )
+        self.trusted_proxies = trusted_proxies if trusted_proxies is not None else TrustedProxies()
         self._ip: dict[Hashable, str] = {}  # every counted socket -> its address
+        self._client_ip: dict[Hashable, str] = {}  # admitted WebSocket -> its client's address
         self._pending: dict[Hashable, None] = {}  # no complete request yet, oldest first
         self._pending_per_ip: dict[str, dict[Hashable, None]] = {}
         self._websockets: set[Hashable] = set()
@@ -153,7 +216,8 @@ class Admission:
         socket has sent its request, the new one is refused instead (``max_sockets``).
         """
         victim: Hashable | None = None
-        ip_cap = self.max_sockets_per_ip
+        # A trusted proxy carries many clients: they are counted per client at admit().
+        ip_cap = None if ip in self.trusted_proxies else self.max_sockets_per_ip
         if ip_cap is not None and self._sockets_per_ip.get(ip, 0) >= ip_cap:
             victim = next(iter(self._pending_per_ip.get(ip, ())), None)
         elif len(self._ip) >= self.max_sockets:
@@ -186,24 +250,30 @@ class Admission:
             if not mine:
                 del self._pending_per_ip[ip]
 
-    def admit(self, key: Hashable) -> str | None:
-        """A WebSocket upgrade: None if admitted (counted until :meth:`closed`), else why not."""
+    def admit(self, key: Hashable, client_ip: str | None = None) -> str | None:
+        """A WebSocket upgrade: None if admitted (counted until :meth:`closed`), else why not.
+
+        ``client_ip`` is the client's address when it differs from the socket's (a trusted
+        proxy's ``X-Forwarded-For``): the per-IP limit counts it.
+        """
         if key in self._websockets:
             return None
         ip = self._ip.get(key)
         if ip is None:  # refused at accept (counted there), or already closed
             return "max_sockets"
+        client = client_ip or ip
         if len(self._websockets) >= self.max_connections:
             reason = "max_connections"
         elif (
             self.max_connections_per_ip is not None
-            and self._websockets_per_ip.get(ip, 0) >= self.max_connections_per_ip
+            and self._websockets_per_ip.get(client, 0) >= self.max_connections_per_ip
         ):
             reason = "max_connections_per_ip"
         else:
             self.requested(key)
             self._websockets.add(key)
-            self._websockets_per_ip[ip] = self._websockets_per_ip.get(ip, 0) + 1
+            self._client_ip[key] = client
+            self._websockets_per_ip[client] = self._websockets_per_ip.get(client, 0) + 1
             return None
         self.rejected[reason] += 1
         return reason
@@ -221,7 +291,7 @@ class Admission:
         _decrement(self._sockets_per_ip, ip)
         if key in self._websockets:
             self._websockets.discard(key)
-            _decrement(self._websockets_per_ip, ip)
+            _decrement(self._websockets_per_ip, self._client_ip.pop(key, ip))
 
     # Figures
 
@@ -260,6 +330,7 @@ class Admission:
             "addresses": len(self._sockets_per_ip),
             "rejected": dict(self.rejected),
             "handshakes_evicted": self.handshakes_evicted,
+            "trusted_proxies": self.trusted_proxies.to_list(),
         }
 
 

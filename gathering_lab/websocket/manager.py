@@ -137,6 +137,9 @@ class Session:
         self.deferred_bytes = 0
         remote = connection.remote_address
         self.remote = f"{remote[0]}:{remote[1]}" if remote else None
+        forwarded = getattr(connection, "client_address", None)  # a trusted proxy's client
+        if forwarded:
+            self.remote = str(forwarded[0])
 
     @property
     def pending_bytes(self) -> int:

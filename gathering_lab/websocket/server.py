@@ -50,6 +50,7 @@ from .limits import (
     Admission,
     LogThrottle,
     RateLimits,
+    TrustedProxies,
     default_max_connections,
     descriptor_limit,
     open_descriptors,
@@ -257,9 +258,21 @@ class _Gate:
         self._busy.headers["Retry-After"] = str(RETRY_AFTER)
         self._busy.headers["Server"] = f"gathering_lab/{__version__}"
 
-    def admit(self, connection: ServerConnection) -> Response | None:
-        """None if this WebSocket upgrade may go on, else the 503 that refuses it."""
-        reason = self.admission.admit(connection)
+    def admit(self, connection: ServerConnection, request: Request) -> Response | None:
+        """None if this WebSocket upgrade may go on, else the 503 that refuses it.
+
+        From a trusted proxy, the client is the one its ``X-Forwarded-For`` names: it is
+        counted under that address, and logged and shown in the stats with it.
+        """
+        client = None
+        trusted = self.admission.trusted_proxies
+        if trusted:
+            peer = _peer_ip(connection)
+            forwarded = trusted.client(peer, request.headers.get_all("X-Forwarded-For"))
+            if forwarded != peer:
+                client = forwarded
+                connection.client_address = (forwarded, None)  # type: ignore[attr-defined]
+        reason = self.admission.admit(connection, client)
         return None if reason is None else self._refuse_admission(connection, reason)
 
     def accepted(self, connection: ServerConnection, transport: Any) -> None:
@@ -288,8 +301,7 @@ class _Gate:
     def _refuse_admission(self, connection: ServerConnection, reason: str) -> Response:
         """The 503 answer to a WebSocket upgrade over a connection limit."""
         self.manager.rejected_connections += 1
-        remote = connection.remote_address
-        ip = str(remote[0]) if remote else ""
+        ip = _client_ip(connection)
         self._log_refusal(ip, reason)
         if reason == "max_connections_per_ip":
             text = (
@@ -418,7 +430,7 @@ class _Handler:
                     http.HTTPStatus.UPGRADE_REQUIRED,
                     {"error": f"{WS_PATH} is a WebSocket endpoint: use a WebSocket client"},
                 )
-            return self.gate.admit(connection)
+            return self.gate.admit(connection, request)
         if path == "/health":
             # A bus on a shared log is degraded while the log cannot be reached.
             health = self.bus.health
@@ -581,9 +593,8 @@ class _Handler:
                     f" {str(headers.get('Origin'))[:100]!r}; to accept it: gathering-lab serve "
                     "--allowed-origin ORIGIN (allowed_origins=[...] in Python)"
                 )
-            logger.info(
-                "refused a client from %s: %s%s", connection.remote_address, refusal.reason, hint
-            )
+            ip = _client_ip(connection)
+            logger.info("refused a client from %s: %s%s", ip, refusal.reason, hint)
             await connection.close(refusal.code, refusal.reason)
             return
         except ConnectionClosed:
@@ -820,16 +831,31 @@ def _bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
-def _admission(max_connections: int | None, per_ip: int | None) -> Admission:
+def _peer_ip(connection: ServerConnection) -> str:
+    """The address the connection comes from (a proxy's, behind one)."""
+    remote = connection.remote_address
+    return str(remote[0]) if remote else ""
+
+
+def _client_ip(connection: ServerConnection) -> str:
+    """The client's address: a trusted proxy's ``X-Forwarded-For`` if it gave one."""
+    forwarded = getattr(connection, "client_address", None)
+    return str(forwarded[0]) if forwarded else _peer_ip(connection)
+
+
+def _admission(
+    max_connections: int | None, per_ip: int | None, trusted_proxies: Iterable[str] = ()
+) -> Admission:
     """The admission counts for serve(): checks the keywords, defaults from the fd limit."""
     if per_ip is not None and (isinstance(per_ip, bool) or not isinstance(per_ip, int)):
         raise ValueError(f"max_connections_per_ip must be an int >= 1 or None, not {per_ip!r}")
+    proxies = TrustedProxies(trusted_proxies)  # TypeError / ValueError for bad ones
     soft, open_now = descriptor_limit(), open_descriptors()
     if max_connections is None:
-        return Admission(default_max_connections(soft, open_now), per_ip)
+        return Admission(default_max_connections(soft, open_now), per_ip, trusted_proxies=proxies)
     if isinstance(max_connections, bool) or not isinstance(max_connections, int):
         raise ValueError(f"max_connections must be an int >= 1, not {max_connections!r}")
-    admission = Admission(max_connections, per_ip)
+    admission = Admission(max_connections, per_ip, trusted_proxies=proxies)
     needed = admission.max_sockets + open_now + DESCRIPTOR_RESERVE
     if needed > soft:
         logger.warning(
@@ -935,7 +961,10 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
     ``max_connections`` WebSocket clients in all (default: what the descriptor limit
     allows, see :func:`~gathering_lab.websocket.limits.default_max_connections`) and
     ``max_connections_per_ip`` from one address (None = no limit); past either, the
-    upgrade is refused with HTTP 503. ``open_timeout`` bounds a connection's handshake.
+    upgrade is refused with HTTP 503. ``trusted_proxies`` (addresses or networks of
+    reverse proxies, e.g. ``["127.0.0.1"]``): from those, the client is the address their
+    ``X-Forwarded-For`` names, and the per-address limit counts it (not the proxy).
+    ``open_timeout`` bounds a connection's handshake.
     ``publish_rate`` publishes per second per connection with ``publish_burst`` above it
     (0 = no limit; the excess is answered ``rate_limited``); ``message_rate`` and
     ``message_burst`` pace every message a client sends (default: twice the publish
@@ -972,6 +1001,7 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
         # Admission and rate limits
         max_connections: int | None = None,
         max_connections_per_ip: int | None = DEFAULT_MAX_CONNECTIONS_PER_IP,
+        trusted_proxies: Iterable[str] = (),
         publish_rate: float = DEFAULT_PUBLISH_RATE,
         publish_burst: int = DEFAULT_PUBLISH_BURST,
         message_rate: float | None = None,
@@ -1000,7 +1030,7 @@ class serve:  # noqa: N801 - used like a function, as websockets.serve is
             isinstance(open_timeout, (int, float)) and 0 < open_timeout < float("inf")
         ):
             raise ValueError(f"open_timeout must be a number of seconds > 0, not {open_timeout!r}")
-        admission = _admission(max_connections, max_connections_per_ip)
+        admission = _admission(max_connections, max_connections_per_ip, trusted_proxies)
         self.node_timing = check_timing(node_report_interval, node_ttl)
         self.host = host
         self.port = port
