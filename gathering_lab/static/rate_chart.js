@@ -34,7 +34,9 @@ function render({ model, el }) {
       legend: { show: names.length > 0, live: false },
       cursor: { drag: { x: false, y: false } },
       scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(1, max * 1.1)] } },
-      axes: [{}, { label: "events/s", size: 50 }],
+      // In UTC, like the grid's "received" column and the events' own timestamps.
+      tzDate: (seconds) => uPlot.tzDate(new Date(seconds * 1e3), "Etc/UTC"),
+      axes: [{ label: "UTC" }, { label: "events/s", size: 50 }],
       series: [{}, ...names.map((name, i) => ({
         label: name,
         stroke: COLOURS[i % COLOURS.length],
