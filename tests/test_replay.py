@@ -409,6 +409,32 @@ async def test_a_reply_during_a_sliced_flush_waits_its_turn(bus: EventBus) -> No
     assert manager.get_stats()["flush_turns"] >= 4
 
 
+async def test_a_stream_that_never_lets_a_sliced_flush_end_keeps_it_bounded(
+    bus: EventBus,
+) -> None:
+    # One client per turn and an event every turn: the flush under way would take in events
+    # for ever. Past flush_bytes it is finished at once and the next one starts.
+    manager = ConnectionManager(flush_slice=1, flush_bytes=4096)
+    async with running_server(bus=bus, manager=manager) as server:
+        clients = [await connect(f"{server.url}?client_id=c{n}") for n in range(4)]
+        for ws in clients:
+            await recv_json(ws)
+        largest = 0
+        for i in range(300):
+            await bus.publish(Event(type="steady.stream", data={"i": i}))
+            await asyncio.sleep(0)
+            work = manager._work
+            largest = max(largest, work.size if work is not None else 0)
+        assert 0 < largest <= manager.flush_bytes
+        for ws in clients:
+            got = await recv_until(ws, lambda m: m.get("seq") == 300, wait=timeout(10))
+            assert [m["data"]["i"] for m in got] == list(range(300))
+            await ws.close()
+    stats = manager.get_stats()
+    assert stats["flushes_finished_early"] > 0
+    assert stats["flushes_joined"] > stats["flushes_finished_early"]
+
+
 @pytest.mark.parametrize("slice_", [0, 1, 128])
 async def test_flush_slice_sizes_deliver_the_same(bus: EventBus, slice_: int) -> None:
     manager = ConnectionManager(flush_slice=slice_)

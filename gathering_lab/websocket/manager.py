@@ -201,7 +201,7 @@ class _Job:
 class _Flush:
     """A batch being written over several loop turns, and how far it got."""
 
-    __slots__ = ("batch", "frames", "jobs", "replies", "job", "member")
+    __slots__ = ("batch", "frames", "jobs", "replies", "job", "member", "size")
 
     def __init__(
         self,
@@ -213,6 +213,7 @@ class _Flush:
         self.batch, self.frames, self.jobs, self.replies = batch, frames, jobs, replies
         self.job = 0  # jobs[job].members[member] is the next client to write
         self.member = 0
+        self.size = sum(map(len, frames))  # bytes of the frames it holds
 
     def merge(
         self,
@@ -231,6 +232,7 @@ class _Flush:
         offset = len(self.batch)
         self.batch = self.batch + batch
         self.frames = self.frames + frames
+        self.size += sum(map(len, frames))
         waiting: dict[GroupKey, set[Session]] = {}  # not written yet, by group
         jobs: list[_Job] = []
         for number, job in enumerate(self.jobs[self.job :]):
@@ -323,6 +325,7 @@ class ConnectionManager:
         self.replayed_events = 0
         self.flush_turns = 0  # loop turns that wrote a slice of a flush
         self.flushes_joined = 0  # batches that joined a flush under way
+        self.flushes_finished_early = 0  # flushes grown past flush_bytes, finished at once
 
     # The bus
 
@@ -592,6 +595,12 @@ class ConnectionManager:
             else:
                 blobs[key] = b"".join(frames[i] for i in indices)
         work = self._work
+        if work is not None and work.size + sum(map(len, frames)) > self.flush_bytes:
+            # A stream that never lets a flush end would grow it without bound: past
+            # flush_bytes, the flush under way is finished now and the batch starts anew.
+            self._write_some(None)
+            self.flushes_finished_early += 1
+            work = None
         if work is None:
             jobs = [
                 _Job(key, list(members), indices, blobs[key])
@@ -903,6 +912,7 @@ class ConnectionManager:
             "flush_slice": self.flush_slice,
             "flush_turns": self.flush_turns,
             "flushes_joined": self.flushes_joined,
+            "flushes_finished_early": self.flushes_finished_early,
         }
 
     def __repr__(self) -> str:
