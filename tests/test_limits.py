@@ -187,6 +187,7 @@ def test_trusted_proxies_name_the_client_only_from_a_proxy() -> None:
     proxies = TrustedProxies(["127.0.0.1", "10.0.0.0/8", "::1"])
     assert "127.0.0.1" in proxies and "10.2.3.4" in proxies and "::1" in proxies
     assert "192.0.2.1" not in proxies and "not an ip" not in proxies
+    assert "::ffff:127.0.0.1" in proxies  # an IPv4 peer on a dual-stack socket
     # From a proxy: the rightmost address that is not a proxy (what the proxy saw).
     assert proxies.client("127.0.0.1", ["203.0.113.5"]) == "203.0.113.5"
     assert proxies.client("127.0.0.1", ["6.6.6.6, 203.0.113.5"]) == "203.0.113.5"

@@ -142,7 +142,8 @@ class TrustedProxies:
             address = ipaddress.ip_address(ip)
         except ValueError:
             return False
-        return any(address in network for network in self.networks)
+        mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:a.b.c.d on a dual-stack socket
+        return any(a in n for n in self.networks for a in (address, mapped) if a is not None)
 
     def client(self, peer: str, forwarded_for: Iterable[str]) -> str:
         """The client's address for a connection from ``peer`` with these header values."""
