@@ -137,9 +137,9 @@ class Session:
         self.deferred_bytes = 0
         remote = connection.remote_address
         self.remote = f"{remote[0]}:{remote[1]}" if remote else None
-        forwarded = getattr(connection, "client_address", None)  # a trusted proxy's client
+        forwarded = getattr(connection, "forwarded_for", None)  # a trusted proxy's client
         if forwarded:
-            self.remote = str(forwarded[0])
+            self.remote = forwarded
 
     @property
     def pending_bytes(self) -> int:
@@ -541,9 +541,8 @@ class ConnectionManager:
         whole flush to end before its own begins.
         """
         self._flush_handle = None
-        if self._work is None or not self.write_delay:
-            if not self._take_pending() and self._work is None:
-                return
+        if (self._work is None or not self.write_delay) and not self._take_pending():
+            return
         self.flush_turns += 1
         self._write_some(self.flush_slice or None)
         if self._work is not None:

@@ -271,7 +271,7 @@ class _Gate:
             forwarded = trusted.client(peer, request.headers.get_all("X-Forwarded-For"))
             if forwarded != peer:
                 client = forwarded
-                connection.client_address = (forwarded, None)  # type: ignore[attr-defined]
+                connection.forwarded_for = forwarded  # type: ignore[attr-defined]
         reason = self.admission.admit(connection, client)
         return None if reason is None else self._refuse_admission(connection, reason)
 
@@ -839,8 +839,8 @@ def _peer_ip(connection: ServerConnection) -> str:
 
 def _client_ip(connection: ServerConnection) -> str:
     """The client's address: a trusted proxy's ``X-Forwarded-For`` if it gave one."""
-    forwarded = getattr(connection, "client_address", None)
-    return str(forwarded[0]) if forwarded else _peer_ip(connection)
+    forwarded: str | None = getattr(connection, "forwarded_for", None)
+    return forwarded or _peer_ip(connection)
 
 
 def _admission(
