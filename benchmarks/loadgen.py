@@ -110,7 +110,6 @@ class PolledReader:
         self.interval = interval
         self.epoll = select.epoll()
         self.by_fd: dict[int, ThinSubscriber] = {}
-        self.reads = 0
         for sub in subscribers:
             transport = sub.transport
             if transport is None or transport.is_closing() or sub.closed:
@@ -135,7 +134,6 @@ class PolledReader:
                     self._drop(fd)
                     sub.connection_lost(exc)
                     continue
-                self.reads += 1
                 if data:
                     sub.data_received(data)
                 if not data or sub.closed:
